@@ -1,0 +1,116 @@
+"""The synchronous engine: checkpoint + tokenizer -> scores, in packed batches, in input order."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from .inputs import Encoded, InputError, Preprocessor
+from .loader import LoadedModel, load_model, resolve
+from .model.attention import select_attention
+from .packing import PackedBatch, pack, plan_batches
+from .results import ScoreResult
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
+
+
+class Engine:
+    """Scores conversations with one reward model.
+
+    engine = Engine.from_pretrained("Skywork/Skywork-Reward-Llama-3.1-8B-v0.2", dtype="bfloat16")
+    results = engine.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
+    results[0].score
+    """
+
+    def __init__(self, model: LoadedModel, tokenizer, *, attention: str = "auto", max_batch_tokens: int = 16384,
+                 max_batch_seqs: int | None = None, bos: str = "one", max_length: int | None = None,
+                 chat_template: str | None = None):
+        self.model = model
+        self.spec = model.spec
+        self.device = next(model.backbone.parameters()).device
+        self.dtype = model.backbone.embed_tokens.weight.dtype
+        self.attention, attn = select_attention(attention, self.device)
+        model.backbone.attn = attn
+        limit = self.spec.max_position_embeddings
+        self.max_length = min(max_length, limit) if max_length else limit
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_seqs = max_batch_seqs
+        self.preprocessor = Preprocessor(tokenizer, bos=bos, max_length=self.max_length,
+                                         needs_gate=model.head.needs_gate, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, model: str, *, dtype: str | torch.dtype = "auto", device: str | None = None,
+                        **kwargs: Any) -> "Engine":
+        """model: a checkpoint directory, a hub id, or `tiny:<family>` (random weights, for trying things)."""
+        if model.startswith("tiny:"):
+            from .tiny import tiny_checkpoint
+
+            path = tiny_checkpoint(model[len("tiny:"):])
+        else:
+            path = resolve(model)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
+        return cls(loaded, load_tokenizer(path), **kwargs)
+
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    def encode(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
+        return self.preprocessor.encode_many(conversations)
+
+    def score(self, conversations: Sequence[Any]) -> list[ScoreResult]:
+        """Message lists (or token-id lists) -> one ScoreResult each, in input order.
+
+        A sample that cannot be scored gets a result with `error` set; the others are unaffected."""
+        return self.score_encoded(self.encode(conversations))
+
+    def score_encoded(self, encoded: Sequence[Encoded | InputError]) -> list[ScoreResult]:
+        results: list[ScoreResult | None] = [None] * len(encoded)
+        good = [i for i, e in enumerate(encoded) if isinstance(e, Encoded)]
+        for i, e in enumerate(encoded):
+            if not isinstance(e, Encoded):
+                results[i] = ScoreResult(error=str(e))
+        lengths = [len(encoded[i]) for i in good]
+        for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_seqs):
+            items = [encoded[good[j]] for j in group]
+            outputs = self.run_batch(items)
+            for row, j in enumerate(group):
+                results[good[j]] = self._result(outputs, row, len(items[row]))
+        return results  # type: ignore[return-value]
+
+    def make_batch(self, items: Sequence[Encoded]) -> PackedBatch:
+        gates = [e.gate for e in items] if self.model.head.needs_gate else None
+        return pack([e.ids for e in items], gates, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
+        """One packed batch -> the head's outputs (fp32, on the engine's device)."""
+        hidden = self.model.backbone(batch)
+        h_gate = hidden[batch.gate_idx] if batch.gate_idx is not None else None
+        return self.model.head(hidden[batch.last_idx], h_gate)
+
+    def run_batch(self, items: Sequence[Encoded]) -> dict[str, list]:
+        outputs = self.forward(self.make_batch(items))
+        return {k: v.cpu().tolist() for k, v in outputs.items()}
+
+    def _result(self, outputs: dict[str, list], row: int, num_tokens: int) -> ScoreResult:
+        values = {k: v[row] for k, v in outputs.items()}
+        return ScoreResult(num_tokens=num_tokens, names=self.spec.head.names, **values)

@@ -1,0 +1,23 @@
+"""Bradley-Terry score head (Skywork-Reward, FsfairX, GRM-distill): score = score.weight · h."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelSpec
+
+
+class BTHead(nn.Module):
+    needs_gate = False
+    optional: dict[str, str] = {}
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.score = nn.Linear(spec.hidden_size, spec.head.num_labels, bias=False)
+
+    def forward(self, h: torch.Tensor, h_gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        logits = self.score(h.to(self.score.weight.dtype)).float()
+        if logits.shape[1] == 1:
+            return {"score": logits[:, 0]}
+        # Several labels: no single score is defined; return every logit.
+        return {"logits": logits}

@@ -1,0 +1,135 @@
+"""Conversations -> token ids: the checkpoint's own chat template, the BOS policy, the gating position.
+
+BOS policies (`bos=`), for a rendered template text:
+- "one" (default): exactly one BOS at the start, whatever the template and tokenizer do.
+- "template": tokenize the rendered text with no added special tokens (ArmoRM/QRM published usage).
+- "tokenizer": let the tokenizer add its special tokens to the rendered text (Skywork v0.1/URM
+  published usage; with a template that already has BOS this gives two, as those scripts would).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+BOS_POLICIES = ("one", "template", "tokenizer")
+ROLES = ("system", "user", "assistant")
+# ArmoRM/QRM gate on the first token of the last occurrence of this text's tokens:
+# the <|eot_id|> that closes the last user turn. Token ids come from the checkpoint's own
+# tokenizer; for the Llama 3 tokenizer they are [128009, 128006, 78191, 128007, 271].
+GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+class InputError(ValueError):
+    """This sample cannot be scored; the message says why. Other samples are unaffected."""
+
+
+@dataclass(frozen=True)
+class Encoded:
+    ids: tuple[int, ...]
+    gate: int | None = None   # gating position within the sequence (ArmoRM/QRM)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def check_conversation(messages: Any) -> list[dict]:
+    """Validate an OpenAI-style message list; returns it as plain dicts."""
+    if not isinstance(messages, (list, tuple)):
+        raise InputError(f"a conversation must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise InputError("empty conversation")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InputError(f"message {i} is not an object with 'role' and 'content'")
+        role, content = m.get("role"), m.get("content")
+        if role not in ROLES:
+            raise InputError(f"message {i} has role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise InputError(f"message {i} has no text 'content'")
+        out.append({"role": role, "content": content})
+    if out[-1]["role"] != "assistant":
+        raise InputError(f"the last message must be the assistant's answer, got role '{out[-1]['role']}'")
+    if not out[-1]["content"].strip():
+        raise InputError("the assistant's answer is empty")
+    return out
+
+
+def find_last(ids: Sequence[int], pattern: Sequence[int]) -> int | None:
+    n = len(pattern)
+    first = pattern[0]
+    for i in range(len(ids) - n, -1, -1):
+        if ids[i] == first and tuple(ids[i:i + n]) == tuple(pattern):
+            return i
+    return None
+
+
+class Preprocessor:
+    """Turns conversations or token ids into Encoded samples for one checkpoint."""
+
+    def __init__(self, tokenizer, *, bos: str = "one", max_length: int, needs_gate: bool,
+                 chat_template: str | None = None):
+        if bos not in BOS_POLICIES:
+            raise ValueError(f"bos policy must be one of {BOS_POLICIES}, got {bos!r}")
+        if tokenizer.bos_token_id is None and bos == "one":
+            raise ValueError("the tokenizer has no BOS token; use bos='template' or 'tokenizer'")
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat_template; pass chat_template= or pre-tokenized input")
+        self.tokenizer = tokenizer
+        self.bos = bos
+        self.bos_id = tokenizer.bos_token_id
+        self.max_length = max_length
+        self.needs_gate = needs_gate
+        self.chat_template = chat_template
+        self.gating_pattern = tuple(tokenizer(GATING_TEXT, add_special_tokens=False)["input_ids"]) if needs_gate else ()
+
+    def render(self, messages: list[dict]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=False, chat_template=self.chat_template)
+
+    def _apply_bos(self, ids: list[int]) -> list[int]:
+        if self.bos != "one":
+            return ids
+        start = 0
+        while start < len(ids) and ids[start] == self.bos_id:
+            start += 1
+        return [self.bos_id] + ids[start:]
+
+    def finish(self, ids: Sequence[int]) -> Encoded:
+        """Length and gating checks on final token ids."""
+        if len(ids) == 0:
+            raise InputError("no tokens")
+        if len(ids) > self.max_length:
+            raise InputError(f"{len(ids)} tokens, longer than the model's maximum of {self.max_length}")
+        gate = None
+        if self.needs_gate:
+            gate = find_last(ids, self.gating_pattern)
+            if gate is None:
+                raise InputError("the gating pattern (<|eot_id|> before the assistant header) is not in the "
+                                 "sample: ArmoRM/QRM need a user turn followed by the assistant's answer")
+        return Encoded(tuple(ids), gate)
+
+    def encode_many(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
+        """Conversations (message lists) or pre-tokenized samples (lists of ints) -> Encoded or the error."""
+        out: list[Encoded | InputError | None] = [None] * len(conversations)
+        texts, where = [], []
+        for i, conv in enumerate(conversations):
+            try:
+                if isinstance(conv, (list, tuple)) and conv and all(isinstance(t, int) for t in conv):
+                    out[i] = self.finish(list(conv))
+                    continue
+                texts.append(self.render(check_conversation(conv)))
+                where.append(i)
+            except InputError as e:
+                out[i] = e
+            except Exception as e:  # a template that raises on this input, say
+                out[i] = InputError(f"could not render the chat template: {type(e).__name__}: {e}")
+        if texts:
+            add = self.bos == "tokenizer"
+            encoded = self.tokenizer(texts, add_special_tokens=add)["input_ids"]
+            for i, ids in zip(where, encoded):
+                try:
+                    out[i] = self.finish(self._apply_bos(ids))
+                except InputError as e:
+                    out[i] = e
+        return out  # type: ignore[return-value]

@@ -1,0 +1,96 @@
+"""Causal GQA attention over packed sequences (`cu_seqlens`), behind one function.
+
+Backends, chosen once by `select_attention`:
+- "flash_attn":   flash-attn's `flash_attn_varlen_func` (CUDA, optional extra `flash`).
+- "torch_varlen": PyTorch's own varlen FlashAttention (`torch.nn.attention.varlen.varlen_attn`, CUDA).
+- "reference":    per-sequence SDPA with `enable_gqa`; runs anywhere, the CPU path and test oracle.
+
+Every backend takes q [Tq, Hq, D], k/v [Tk, Hkv, D] and cumulative lengths, and returns
+[Tq, Hq, D]. When a sequence has more keys than queries (a shared prefix in front of it),
+the causal mask is aligned bottom-right: query i of a sequence with Lq queries and Lk keys
+sees keys 0 .. Lk - Lq + i.
+"""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+AttentionFn = Callable[..., torch.Tensor]
+BACKENDS = ("flash_attn", "torch_varlen", "reference")
+
+
+def attention_ref(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
+    out = torch.empty_like(q)
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[i], bounds_q[i + 1], bounds_k[i], bounds_k[i + 1]
+        if q1 == q0:
+            continue
+        qi, ki, vi = (t.transpose(0, 1)[None] for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        lq, lk = q1 - q0, k1 - k0
+        if lq == lk:
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+            o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out
+
+
+def _torch_varlen() -> AttentionFn:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.13 expresses causality as window_size=(-1, 0); older releases had is_causal.
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
+
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        if not gqa and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        extra = {"enable_gqa": True} if gqa else {}
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal, **extra)
+
+    return fn
+
+
+def _flash_attn() -> AttentionFn:
+    from flash_attn import flash_attn_varlen_func
+
+    def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=True)
+
+    return fn
+
+
+def available_backends(device: torch.device) -> list[str]:
+    found = ["reference"]
+    if device.type == "cuda":
+        if importlib.util.find_spec("flash_attn") is not None:
+            found.insert(0, "flash_attn")
+        try:
+            from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+            found.insert(len(found) - 1, "torch_varlen")
+        except ImportError:
+            pass
+    return found
+
+
+def select_attention(name: str, device: torch.device) -> tuple[str, AttentionFn]:
+    """'auto' picks the first available of flash_attn, torch_varlen, reference.
+
+    Asking for a backend that this device cannot run raises; nothing falls back silently."""
+    found = available_backends(device)
+    if name == "auto":
+        name = found[0]
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend '{name}', expected one of {BACKENDS} or 'auto'")
+    if name not in found:
+        raise RuntimeError(f"attention backend '{name}' is not available on {device} (available: {found})")
+    fn = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen}.get(name, lambda: attention_ref)()
+    return name, fn
