@@ -1,6 +1,7 @@
 """The synchronous engine: checkpoint + tokenizer -> scores, in packed batches, in input order."""
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -25,6 +26,19 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return DTYPES[dtype]
 
 
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every engine setting, resolved once. `Engine.from_pretrained(model, **fields)` fills it."""
+    dtype: str = "auto"                  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str | None = None            # None: cuda when available, else cpu
+    attention: str = "auto"              # flash_attn | torch_varlen | reference | auto
+    max_batch_tokens: int = 16384        # token budget of one packed batch
+    max_batch_seqs: int | None = None    # cap on samples per batch
+    bos: str = "one"                     # BOS policy, see inputs.py
+    max_length: int | None = None        # per-sample cap; None: the model's max_position_embeddings
+    chat_template: str | None = None     # override the checkpoint's template
+
+
 def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
 
@@ -39,35 +53,33 @@ class Engine:
     results[0].score
     """
 
-    def __init__(self, model: LoadedModel, tokenizer, *, attention: str = "auto", max_batch_tokens: int = 16384,
-                 max_batch_seqs: int | None = None, bos: str = "one", max_length: int | None = None,
-                 chat_template: str | None = None):
+    def __init__(self, model: LoadedModel, tokenizer, config: EngineConfig = EngineConfig()):
         self.model = model
         self.spec = model.spec
         self.device = next(model.backbone.parameters()).device
         self.dtype = model.backbone.embed_tokens.weight.dtype
-        self.attention, attn = select_attention(attention, self.device)
-        model.backbone.attn = attn
         limit = self.spec.max_position_embeddings
-        self.max_length = min(max_length, limit) if max_length else limit
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_seqs = max_batch_seqs
-        self.preprocessor = Preprocessor(tokenizer, bos=bos, max_length=self.max_length,
-                                         needs_gate=model.head.needs_gate, chat_template=chat_template)
+        self.config = replace(config, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
+                              max_length=min(config.max_length or limit, limit))
+        self.attention, attn = select_attention(config.attention, self.device)
+        model.backbone.attn = attn
+        self.preprocessor = Preprocessor(tokenizer, bos=config.bos, max_length=self.config.max_length,
+                                         needs_gate=model.head.needs_gate, chat_template=config.chat_template)
 
     @classmethod
-    def from_pretrained(cls, model: str, *, dtype: str | torch.dtype = "auto", device: str | None = None,
-                        **kwargs: Any) -> "Engine":
-        """model: a checkpoint directory, a hub id, or `tiny:<family>` (random weights, for trying things)."""
+    def from_pretrained(cls, model: str, **settings: Any) -> "Engine":
+        """model: a checkpoint directory, a hub id, or `tiny:<family>` (random weights, for trying things).
+        settings: EngineConfig fields."""
+        config = EngineConfig(**settings)
         if model.startswith("tiny:"):
             from .tiny import tiny_checkpoint
 
             path = tiny_checkpoint(model[len("tiny:"):])
         else:
             path = resolve(model)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        loaded = load_model(path, device=dev, dtype=resolve_dtype(dtype, dev))
-        return cls(loaded, load_tokenizer(path), **kwargs)
+        dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        loaded = load_model(path, device=dev, dtype=resolve_dtype(config.dtype, dev))
+        return cls(loaded, load_tokenizer(path), config)
 
     @property
     def family(self) -> str:
@@ -89,7 +101,7 @@ class Engine:
             if not isinstance(e, Encoded):
                 results[i] = ScoreResult(error=str(e))
         lengths = [len(encoded[i]) for i in good]
-        for group in plan_batches(lengths, self.max_batch_tokens, self.max_batch_seqs):
+        for group in plan_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_seqs):
             items = [encoded[good[j]] for j in group]
             outputs = self.run_batch(items)
             for row, j in enumerate(group):

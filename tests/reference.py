@@ -1,0 +1,123 @@
+"""The test oracle: transformers' LlamaModel hidden states plus each family's head written
+plainly from ../shared/spec/reward-models.md, on the checkpoint's own files.
+
+Deliberately independent of rmserve's model and heads: it reads the safetensors itself,
+runs one sequence at a time with no packing, and does the head math in fp32 (or in the
+dtype given) with plain tensor operations.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+
+def read_checkpoint(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(glob.glob(os.path.join(model_dir, "*.safetensors"))):
+        tensors.update(load_file(path))
+    return cfg, tensors
+
+
+def hf_backbone(cfg: dict, tensors: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
+    from transformers import LlamaConfig, LlamaModel
+
+    keys = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}
+    config = LlamaConfig(**keys)
+    config._attn_implementation = "eager"
+    model = LlamaModel(config).to(dtype=dtype, device=device).eval()
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not [m for m in missing if "rotary" not in m], missing
+    assert not unexpected, unexpected
+    return model
+
+
+@torch.no_grad()
+def hf_hidden(model, ids: list[int]) -> torch.Tensor:
+    """Final hidden states (after the last RMSNorm) of one unpadded sequence: [L, hidden]."""
+    device = next(model.parameters()).device
+    out = model(input_ids=torch.tensor([ids], device=device))
+    return out.last_hidden_state[0]
+
+
+def _lin(x, t, name, bias=True):
+    y = x @ t[name + ".weight"].to(x.dtype).T
+    if bias and name + ".bias" in t:
+        y = y + t[name + ".bias"].to(x.dtype)
+    return y
+
+
+def head_ref(cfg: dict, t: dict[str, torch.Tensor], h: torch.Tensor, g_in: torch.Tensor | None,
+             dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Spec math for one sample. h, g_in: [hidden]. Returns fp32 outputs."""
+    arch = cfg["architectures"][0]
+    h = h.to(dtype)[None]
+    if arch == "LlamaForSequenceClassification":
+        logits = _lin(h, t, "score", bias=False)[0].float()
+        return {"score": logits[0]} if logits.numel() == 1 else {"logits": logits}
+    if arch == "LlamaForSequenceClassificationWithNormal_Weights":
+        s = _lin(h, t, "score", bias=False)[0].float()
+        mu, spread = s[0::2], s[1::2]
+        wdt = torch.float16 if dtype != torch.float32 else torch.float32
+        x = h.to(wdt)
+        x = F.selu(_lin(x, t, "weights.fc.0"))
+        x = F.selu(_lin(x, t, "weights.fc.2"))
+        w = _lin(x, t, "weights.fc.4")[0].float()
+        return {"score": (mu * w).sum(), "means": mu, "spreads": spread, "sigmas": torch.exp(0.5 * spread), "weights": w}
+    if arch == "LlamaForCausalLM":
+        if cfg["vhead_layer_type"] == "linear":
+            return {"score": _lin(h, t, "v_head.summary")[0, 0].float()}
+        x = h
+        n = cfg["vhead_num_layers"]
+        for i in range(n):
+            x = F.relu(_lin(x, t, f"v_head.summary.{2 * i}"))
+        return {"score": _lin(x, t, f"v_head.summary.{2 * n}")[0, 0].float()}
+    assert arch == "LlamaForRewardModelWithGating"
+    qrm = "num_quantiles" in cfg
+    if qrm:
+        dtype = torch.float32   # QRM's reference runs its head in fp32
+        h = h.float()
+    g = g_in.to(dtype)[None]
+    n_hidden, n_obj = cfg["gating_n_hidden"], cfg["num_objectives"]
+    for i in range(n_hidden):
+        if qrm:
+            g = F.relu(_lin(g, t, f"gating.layers.{3 * i}", bias=False))
+            bn = f"gating.layers.{3 * i + 2}"
+            g = (g - t[bn + ".running_mean"]) / torch.sqrt(t[bn + ".running_var"] + 1e-5) * t[bn + ".weight"] + t[bn + ".bias"]
+        else:
+            g = F.relu(_lin(g, t, f"gating.layers.{i}"))
+    u = _lin(g, t, f"gating.layers.{3 * n_hidden if qrm else n_hidden}")
+    gates = (torch.softmax(u / cfg["gating_temperature"], dim=-1) * t["gating.logit_scale"].to(dtype))[0]
+    tm = t.get("reward_transform_matrix", torch.eye(n_obj)).to(dtype)
+    if not qrm:
+        r = _lin(h, t, "regression_layer", bias=False)[0]
+        score = (gates * (r @ tm)).sum()
+        return {"score": score.float(), "rewards": r.float(), "gating": gates.float(),
+                "coefficients": (gates @ tm.T).float()}
+    nq = cfg["num_quantiles"]
+    R = _lin(h, t, "regression_layer", bias=False)[0].view(n_obj, nq)
+    mu = R.mean(dim=1)
+    rewards = mu @ tm
+    mixture = torch.stack([(gates * (R[:, k] @ tm)).sum() for k in range(nq)])
+    return {"score": (gates * rewards).sum(), "rewards": rewards, "gating": gates,
+            "reward_quantiles": mixture, "quantiles": R}
+
+
+class Reference:
+    """Reference scores for token-id samples of one checkpoint."""
+
+    def __init__(self, model_dir: str, dtype=torch.float32, device="cpu"):
+        self.cfg, self.tensors = read_checkpoint(model_dir)
+        self.dtype = dtype
+        self.model = hf_backbone(self.cfg, self.tensors, dtype, device)
+
+    def outputs(self, ids: list[int], gate: int | None) -> dict[str, torch.Tensor]:
+        hidden = hf_hidden(self.model, ids)
+        return head_ref(self.cfg, self.tensors, hidden[-1], None if gate is None else hidden[gate], self.dtype)
