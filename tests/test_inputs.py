@@ -1,0 +1,130 @@
+"""Chat template rendering, BOS policy, gating position and per-sample input errors."""
+import os
+
+import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from rmserve import Engine
+from rmserve.inputs import GATING_TEXT, Encoded, InputError, Preprocessor, check_conversation, find_last
+
+from .helpers import random_conversation
+
+CONV = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+RENDERED = {
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+              "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>",
+    "llama3_nobos": "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>",
+}
+# BOS count per (template, policy): the trap is the template's BOS plus the tokenizer's.
+BOS_COUNT = {("llama3", "one"): 1, ("llama3", "template"): 1, ("llama3", "tokenizer"): 2,
+             ("llama3_nobos", "one"): 1, ("llama3_nobos", "template"): 0, ("llama3_nobos", "tokenizer"): 1}
+
+
+def preprocessor(path, bos="one", needs_gate=True, max_length=10_000):
+    return Preprocessor(AutoTokenizer.from_pretrained(path), bos=bos, max_length=max_length, needs_gate=needs_gate)
+
+
+@pytest.mark.parametrize("template", ["llama3", "llama3_nobos"])
+@pytest.mark.parametrize("bos", ["one", "template", "tokenizer"])
+def test_bos_policy(tiny_model, template, bos):
+    pre = preprocessor(tiny_model("armorm", template=template), bos=bos)
+    assert pre.render(CONV) == RENDERED[template]
+    enc = pre.encode_many([CONV])[0]
+    n_bos = sum(1 for t in enc.ids if t == pre.bos_id)
+    assert n_bos == BOS_COUNT[(template, bos)]
+    if n_bos:
+        assert all(t == pre.bos_id for t in enc.ids[:n_bos])
+    # the gate still sits on the <|eot_id|> closing the user turn, whatever the BOS count
+    tok = pre.tokenizer
+    assert tok.convert_ids_to_tokens(enc.ids[enc.gate]) == "<|eot_id|>"
+    assert tok.decode(enc.ids[enc.gate + 1:]) == "<|start_header_id|>assistant<|end_header_id|>\n\nHello<|eot_id|>"
+
+
+def test_gating_position_is_last_user_turn(tiny_model, rng):
+    pre = preprocessor(tiny_model("qrm"))
+    for _ in range(20):
+        conv = random_conversation(rng, max_turns=4)
+        enc = pre.encode_many([conv])[0]
+        pat = pre.gating_pattern
+        assert tuple(enc.ids[enc.gate:enc.gate + len(pat)]) == pat
+        assert find_last(enc.ids[enc.gate + 1:], pat) is None   # no later occurrence
+        answer = pre.tokenizer.decode(enc.ids[enc.gate + len(pat):])
+        assert answer == conv[-1]["content"].strip() + "<|eot_id|>"
+
+
+def test_pre_tokenized_input(tiny_model):
+    path = tiny_model("armorm")
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu")
+    enc = engine.encode([CONV])[0]
+    by_ids = engine.score([list(enc.ids)])[0]
+    by_conv = engine.score([CONV])[0]
+    assert by_ids.ok and by_ids.score == by_conv.score   # same single-sample batch: bitwise equal
+    # token ids without the gating pattern are refused for ArmoRM, not guessed
+    bad = engine.score([list(enc.ids[enc.gate + 1:])])[0]
+    assert not bad.ok and "gating pattern" in bad.error
+
+
+BAD = [
+    ([], "empty conversation"),
+    ("hello", "must be a list"),
+    ([{"role": "user", "content": "x"}], "last message must be the assistant"),
+    ([{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}], "role 'bot'"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": None}], "no text"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant", "content": "   "}], "answer is empty"),
+    (["user: x"], "not an object"),
+    ([{"role": "user", "content": "x"}, {"role": "assistant"}], "no text"),
+]
+
+
+@pytest.mark.parametrize("conv,message", BAD)
+def test_bad_conversations_are_per_sample_errors(tiny_model, conv, message):
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu")
+    good, bad, good2 = engine.score([CONV, conv, CONV])
+    assert good.ok and good2.ok and good.score == pytest.approx(good2.score, rel=1e-5)
+    assert not bad.ok and message in bad.error and bad.score is None
+
+
+def test_missing_gating_pattern_and_too_long(tiny_model):
+    engine = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", max_length=60)
+    only_answer = [{"role": "assistant", "content": "Hello"}]
+    long = [{"role": "user", "content": "the cat " * 40}, {"role": "assistant", "content": "ok"}]
+    res = engine.score([only_answer, long, CONV])
+    assert "gating pattern" in res[0].error
+    assert "longer than the model's maximum of 60" in res[1].error
+    assert res[2].ok
+
+
+def test_max_length_defaults_to_model_limit(tiny_model):
+    engine = Engine.from_pretrained(tiny_model("bt", max_position_embeddings=50), dtype="float32", device="cpu")
+    assert engine.config.max_length == 50
+    res = engine.score([[{"role": "user", "content": "the cat " * 30}, {"role": "assistant", "content": "ok"}]])
+    assert "maximum of 50" in res[0].error
+
+
+def test_check_conversation_returns_plain_messages():
+    msgs = check_conversation([{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}])
+    assert msgs == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(InputError):
+        check_conversation(None)
+
+
+SHARED_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "llama3-tokenizer")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER), reason="the real Llama 3 tokenizer is not beside this clone")
+def test_real_llama3_tokenizer_gating_ids_and_bos():
+    import json
+
+    with open(os.path.join(SHARED_TOKENIZER, "tokenizer_config.json")) as f:
+        cfg = json.load(f)
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(SHARED_TOKENIZER, "tokenizer.json"),
+                                  bos_token=cfg["bos_token"], eos_token=cfg["eos_token"])
+    tok.chat_template = cfg["chat_template"]
+    pre = Preprocessor(tok, bos="one", max_length=8192, needs_gate=True)
+    assert pre.gating_pattern == (128009, 128006, 78191, 128007, 271)   # the ids ArmoRM's code hard-codes
+    enc = pre.encode_many([CONV])[0]
+    assert enc.ids[0] == 128000 and enc.ids.count(128000) == 1
+    assert tok(GATING_TEXT, add_special_tokens=True)["input_ids"][0] == 128000
+    assert Preprocessor(tok, bos="tokenizer", max_length=8192, needs_gate=True).encode_many([CONV])[0].ids[:2] == (128000, 128000)
+    assert isinstance(enc, Encoded)
