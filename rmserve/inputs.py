@@ -124,12 +124,21 @@ class Preprocessor:
                 out[i] = e
             except Exception as e:  # a template that raises on this input, say
                 out[i] = InputError(f"could not render the chat template: {type(e).__name__}: {e}")
-        if texts:
-            add = self.bos == "tokenizer"
-            encoded = self.tokenizer(texts, add_special_tokens=add)["input_ids"]
-            for i, ids in zip(where, encoded):
-                try:
-                    out[i] = self.finish(self._apply_bos(ids))
-                except InputError as e:
-                    out[i] = e
+        for i, enc in zip(where, self.encode_texts(texts)):
+            out[i] = enc
         return out  # type: ignore[return-value]
+
+    def encode_texts(self, texts: Sequence[str]) -> list[Encoded | InputError]:
+        """Texts already rendered with the chat template -> Encoded or the error, under the BOS policy.
+
+        Special-token strings in the text (a leading "<|begin_of_text|>", say) become their tokens."""
+        if not texts:
+            return []
+        encoded = self.tokenizer(list(texts), add_special_tokens=self.bos == "tokenizer")["input_ids"]
+        out: list[Encoded | InputError] = []
+        for ids in encoded:
+            try:
+                out.append(self.finish(self._apply_bos(ids)))
+            except InputError as e:
+                out.append(e)
+        return out
