@@ -7,41 +7,82 @@ import sys
 
 
 def _score(args: argparse.Namespace) -> int:
-    from .engine import Engine
+    """The offline job (rmserve/offline/): exit 0 all rows scored, 3 some rows bad (see the errors
+    file), 2 refused (bad arguments, unreadable input, a resume that would mix two jobs)."""
+    from .engine import EngineConfig
+    from .offline import EXIT_REFUSED, JobConfig, ResumeError, ShapeConfig, SourceError, run_job, run_ray_job
 
-    if args.model.startswith("tiny:"):
-        print(f"note: {args.model} has random weights; its scores are meaningless", file=sys.stderr)
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                    max_batch_tokens=args.max_batch_tokens, bos=args.bos)
-    rows, convs = [], []
-    with open(args.input, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            rows.append(row.get("id", n))
-            convs.append(row.get("messages"))
-    errors = 0
-    with open(args.output, "w", encoding="utf-8") as out:
-        for rid, res in zip(rows, engine.score(convs)):
-            errors += not res.ok
-            out.write(json.dumps({"id": rid, **res.to_dict()}) + "\n")
-    print(f"scored {len(rows) - errors} rows, {errors} errors -> {args.output}", file=sys.stderr)
-    return 1 if errors else 0
+    try:
+        shape = ShapeConfig(shape=args.shape, id_field=args.id_field, messages_field=args.messages_field,
+                            prompt_field=args.prompt_field, response_field=args.response_field,
+                            responses_field=args.responses_field, chosen_field=args.chosen_field,
+                            rejected_field=args.rejected_field, group_field=args.group_field,
+                            keep=tuple(k for k in (args.keep or "").split(",") if k))
+        engine = EngineConfig(dtype=args.dtype, device=args.device, attention=args.attention,
+                              max_batch_tokens=args.max_batch_tokens, max_batch_seqs=args.max_batch_seqs,
+                              bos=args.bos, max_length=args.max_length)
+        config = JobConfig(args.input, args.output, args.model, format=args.format, split=args.split,
+                           shape=shape, engine=engine, part_rows=args.part_rows, quiet=args.quiet,
+                           overwrite=args.overwrite)
+        if args.ray is None:
+            summary = run_job(config)
+        else:
+            summary = run_ray_job(config, address=args.ray or None, actors=args.actors,
+                                  actor_cpus=args.actor_cpus, actor_gpus=args.actor_gpus)
+    except (ResumeError, SourceError, ValueError) as e:
+        print(f"rmserve score: {e}", file=sys.stderr)
+        return EXIT_REFUSED
+    from .offline.job import report
+
+    report(summary, args.quiet)
+    return summary["exit_code"]
+
+
+def _add_score(sub) -> None:
+    s = sub.add_parser("score", help="score a file of conversations (resumable; --ray for a cluster)",
+                       description="Score every row of a file; rerun the same command to resume.")
+    s.add_argument("input", help=".jsonl, .jsonl.gz, .parquet, a datasets directory, or hf:<name>[:<split>]")
+    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
+    s.add_argument("--output", required=True, help="the output file (parts go to OUTPUT.parts/ meanwhile)")
+    s.add_argument("--format", choices=["parquet", "jsonl"], default=None,
+                   help="default: jsonl for a .jsonl output path, else parquet")
+    s.add_argument("--split", default=None, help="datasets split")
+    g = s.add_argument_group("row shape")
+    g.add_argument("--shape", default="auto", choices=["auto", "messages", "prompt_response", "pair", "multi"])
+    g.add_argument("--id-field", default="id", help="id column (default: id; absent: the row number)")
+    g.add_argument("--messages-field", default="messages")
+    g.add_argument("--prompt-field", default="prompt")
+    g.add_argument("--response-field", default="response")
+    g.add_argument("--responses-field", default="responses")
+    g.add_argument("--chosen-field", default="chosen")
+    g.add_argument("--rejected-field", default="rejected")
+    g.add_argument("--group-field", default=None, help="prompt-id column: rank rows within each group (best-of-N)")
+    g.add_argument("--keep", default=None, help="comma-separated input columns to copy to the output")
+    e = s.add_argument_group("engine")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--device", default=None)
+    e.add_argument("--attention", default="auto")
+    e.add_argument("--max-batch-tokens", type=int, default=16384)
+    e.add_argument("--max-batch-seqs", type=int, default=None)
+    e.add_argument("--max-length", type=int, default=None)
+    e.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
+    j = s.add_argument_group("job")
+    j.add_argument("--part-rows", type=int, default=2048, help="input rows per committed part")
+    j.add_argument("--quiet", action="store_true", help="no progress bar or notes")
+    j.add_argument("--overwrite", action="store_true", help="discard a previous job's parts and output")
+    r = s.add_argument_group("ray")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run through Ray Data; ADDRESS of the cluster (default: RAY_ADDRESS or a local Ray)")
+    r.add_argument("--actors", type=int, default=None, help="engine actors (default: one per GPU, else 1)")
+    r.add_argument("--actor-cpus", type=float, default=1.0, help="CPUs per engine actor")
+    r.add_argument("--actor-gpus", type=float, default=None, help="GPUs per actor (default: 1 if the cluster has GPUs)")
+    s.set_defaults(func=_score)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rmserve", description="Fast, exact reward-model inference")
     sub = parser.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("score", help="score a jsonl file of conversations")
-    s.add_argument("input")
-    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
-    s.add_argument("--output", required=True)
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--device", default=None)
-    s.add_argument("--max-batch-tokens", type=int, default=16384)
-    s.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
-    s.set_defaults(func=_score)
+    _add_score(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

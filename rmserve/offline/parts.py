@@ -1,0 +1,268 @@
+"""Committed parts and the manifest: what makes the job resumable and lossless.
+
+While a job runs, `<output>.parts/` holds
+    manifest.json            the job's key (input fingerprint, model, settings) and committed parts
+    part-000012.parquet      output rows of part 12 (rows 12*part_rows ... ), or .jsonl
+    errors-000012.jsonl      that part's bad rows
+Every file is written to a temporary name, fsynced, then renamed into place, and the directory
+fsynced; a part counts only once the manifest (written the same way) lists it. A job killed at any
+moment leaves at worst an uncommitted part file, which the rerun writes again from the same rows
+with the same batches, so the values are the same as an unbroken run's.
+
+At the end the parts are merged, in input order, into the single output file; bad rows go to
+`<output>.errors.jsonl` and the summary to `<output>.summary.json` (written last); then the parts
+directory is removed. A rerun after that finds the summary and does nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Iterable
+
+MANIFEST_VERSION = 1
+
+
+class ResumeError(RuntimeError):
+    """The existing parts or output belong to a different job: refused rather than mixed."""
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) fills a binary file object; the file appears at `path` complete or not at all."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def write_json(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=1, default=str).encode()))
+
+
+def _jsonl_bytes(records: Iterable[dict]) -> bytes:
+    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+
+
+def output_format(output: str, fmt: str | None) -> str:
+    """jsonl for a .jsonl/.json/.ndjson output path, else parquet; --format overrides."""
+    if fmt:
+        if fmt not in ("parquet", "jsonl"):
+            raise ValueError(f"--format must be parquet or jsonl, got {fmt!r}")
+        return fmt
+    return "jsonl" if output.lower().endswith((".jsonl", ".json", ".ndjson")) else "parquet"
+
+
+class PartStore:
+    def __init__(self, output: str, fmt: str):
+        self.output = output
+        self.fmt = fmt
+        self.dir = output + ".parts"
+        self.manifest_path = os.path.join(self.dir, "manifest.json")
+        self.errors_path = output + ".errors.jsonl"
+        self.summary_path = output + ".summary.json"
+        self.manifest: dict = {}
+
+    # ---- paths ----
+    def part_path(self, k: int) -> str:
+        return os.path.join(self.dir, f"part-{k:06d}.{self.fmt}")
+
+    def errors_part(self, k: int) -> str:
+        return os.path.join(self.dir, f"errors-{k:06d}.jsonl")
+
+    def stage_path(self, k: int) -> str:
+        """Raw input rows of part k, staged for Ray workers."""
+        return os.path.join(self.dir, f"input-{k:06d}.pkl")
+
+    # ---- starting or resuming ----
+    def finished(self, key: dict) -> dict | None:
+        """The summary of this exact job if it already ran to the end, else None."""
+        if os.path.isdir(self.dir) or not os.path.exists(self.summary_path):
+            return None
+        with open(self.summary_path, encoding="utf-8") as f:
+            summary = json.load(f)
+        if summary.get("key_hash") == key_hash(key) and os.path.exists(self.output):
+            return summary
+        return None
+
+    def open(self, key: dict, info: dict, overwrite: bool = False) -> dict[int, dict]:
+        """Start or resume the job `key`; returns the committed parts {k: stats}."""
+        if overwrite:
+            self.remove_all()
+        if os.path.exists(self.manifest_path):
+            with open(self.manifest_path, encoding="utf-8") as f:
+                manifest = json.load(f)
+            _check_same(manifest.get("key", {}), key, self.dir)
+            self.manifest = manifest
+            return {int(k): v for k, v in manifest["parts"].items()}
+        for path in (self.output, self.summary_path):
+            if os.path.exists(path):
+                raise ResumeError(f"{path} exists from another job (different input, model or settings); "
+                                  "remove it, choose another --output, or pass --overwrite")
+        os.makedirs(self.dir, exist_ok=True)
+        self.manifest = {"version": MANIFEST_VERSION, "key": key, "key_hash": key_hash(key), "info": info,
+                         "parts": {}, "seconds": 0.0}
+        write_json(self.manifest_path, self.manifest)
+        return {}
+
+    def remove_all(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for path in (self.output, self.errors_path, self.summary_path):
+            if os.path.exists(path):
+                os.remove(path)
+
+    # ---- writing and committing parts ----
+    def write_part(self, k: int, records: list[dict], errors: list[dict]) -> None:
+        """Writes part k's files (safe to call from a worker; commit() records it)."""
+        if records:
+            if self.fmt == "parquet":
+                atomic_write(self.part_path(k), lambda f: _write_parquet(f, records))
+            else:
+                data = _jsonl_bytes(records)
+                atomic_write(self.part_path(k), lambda f: f.write(data))
+        elif os.path.exists(self.part_path(k)):
+            os.remove(self.part_path(k))
+        data = _jsonl_bytes(errors)
+        atomic_write(self.errors_part(k), lambda f: f.write(data))
+
+    def commit(self, k: int, stats: dict, seconds: float) -> None:
+        """Records part k as done; `seconds`: the job's wall time so far, all runs together."""
+        self.manifest["parts"][str(k)] = stats
+        self.manifest["seconds"] = seconds
+        write_json(self.manifest_path, self.manifest)
+
+    # ---- the end ----
+    def finalize(self, summary: dict, rank_by: str | None) -> dict:
+        """Merges committed parts into the output (adding `rank` within `rank_by` groups), writes the
+        errors file and the summary, removes the parts directory. Returns the summary."""
+        parts = sorted(int(k) for k in self.manifest["parts"])
+        data_parts = [k for k in parts if self.manifest["parts"][str(k)]["scored"]]
+        ranks = None
+        if rank_by is not None:
+            ranks, group_stats = _group_ranks([self.part_path(k) for k in data_parts], self.fmt, rank_by)
+            summary.update(group_stats)
+        if self.fmt == "parquet":
+            atomic_write(self.output, lambda f: _merge_parquet(f, [self.part_path(k) for k in data_parts], ranks))
+        else:
+            atomic_write(self.output, lambda f: _merge_jsonl(f, [self.part_path(k) for k in data_parts], ranks))
+
+        def copy_errors(f):
+            for k in parts:
+                with open(self.errors_part(k), "rb") as src:
+                    shutil.copyfileobj(src, f)
+        atomic_write(self.errors_path, copy_errors)
+        summary["key_hash"] = self.manifest["key_hash"]
+        write_json(self.summary_path, summary)
+        shutil.rmtree(self.dir)
+        return summary
+
+
+def _check_same(old: dict, new: dict, where: str) -> None:
+    if old == new:
+        return
+    if old.get("input") != new.get("input"):
+        what = "the input changed since this job started (its fingerprint differs)"
+    else:
+        diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
+                 if old.get(k) != new.get(k)]
+        what = "the model or settings differ from the interrupted job's (" + "; ".join(diffs) + ")"
+    raise ResumeError(f"refusing to resume: {what}. Rerun with the original command, or pass --overwrite "
+                      f"(or delete {where}) to start over")
+
+
+def _write_parquet(f, records: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [r["id"] for r in records]
+    if len({type(i) for i in ids}) > 1:   # ints and strings in one part: all strings
+        records = [dict(r, id=str(r["id"])) for r in records]
+    pq.write_table(pa.Table.from_pylist(records), f)
+
+
+def _target_schema(files: list[str]):
+    """One schema for all parts: ids become strings if any part has string ids."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = [pq.read_schema(p) for p in files]
+    if any(pa.types.is_string(s.field("id").type) for s in schemas):
+        schemas = [s.set(s.get_field_index("id"), pa.field("id", pa.string())) for s in schemas]
+    return pa.unify_schemas(schemas, promote_options="permissive")
+
+
+def _merge_parquet(f, files: list[str], ranks) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not files:
+        pq.write_table(pa.table({"id": pa.array([], pa.int64())}), f)
+        return
+    schema = _target_schema(files)
+    if ranks is not None:
+        schema = schema.append(pa.field("rank", pa.int64()))
+    with pq.ParquetWriter(f, schema) as writer:
+        at = 0
+        for p in files:
+            table = pq.read_table(p)
+            if ranks is not None:
+                table = table.append_column("rank", pa.array(ranks[at:at + table.num_rows], pa.int64()))
+                at += table.num_rows
+            writer.write_table(table.select(schema.names).cast(schema) if table.schema != schema
+                               else table)
+
+
+def _merge_jsonl(f, files: list[str], ranks) -> None:
+    at = 0
+    for p in files:
+        with open(p, "rb") as src:
+            if ranks is None:
+                shutil.copyfileobj(src, f)
+                continue
+            for line in src:
+                rec = json.loads(line)
+                rec["rank"] = int(ranks[at])
+                at += 1
+                f.write(json.dumps(rec, ensure_ascii=False).encode() + b"\n")
+
+
+def _group_ranks(files: list[str], fmt: str, group: str):
+    """Rank of each output row's score within its group (1 = best, ties share), in output order,
+    and the best-of-N summary."""
+    import numpy as np
+    import pandas as pd
+
+    frames = []
+    for p in files:
+        if fmt == "parquet":
+            frames.append(pd.read_parquet(p, columns=[group, "score"]))
+        else:
+            with open(p, "rb") as src:
+                recs = [json.loads(line) for line in src]
+            frames.append(pd.DataFrame({group: [r[group] for r in recs], "score": [r["score"] for r in recs]}))
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({group: [], "score": []})
+    if df.empty:
+        return np.zeros(0, dtype=np.int64), {"groups": 0}
+    df[group] = df[group].astype(str) if df[group].map(type).nunique() > 1 else df[group]
+    ranks = df.groupby(group, sort=False)["score"].rank(method="min", ascending=False).astype("int64").to_numpy()
+    g = df.groupby(group, sort=False)["score"]
+    sizes, best, mean = g.size(), g.max(), g.mean()
+    stats = {"groups": int(len(sizes)), "mean_group_size": float(sizes.mean()),
+             "mean_best_score": float(best.mean()), "mean_score": float(mean.mean()),
+             "mean_best_minus_mean": float((best - mean).mean())}
+    return ranks, stats

@@ -1,0 +1,164 @@
+"""Row shapes: one raw input row -> the conversations to score, or the reason it cannot be scored.
+
+| shape             | columns (names settable)                 | samples scored                          |
+|-------------------|------------------------------------------|-----------------------------------------|
+| `messages`        | `messages`: a message list               | the list                                |
+| `prompt_response` | `prompt`, `response`                     | prompt (a string: one user turn; or a message list) + the response as the assistant turn |
+| `pair`            | `chosen`, `rejected` (message lists; or strings with `prompt`) | both sides                   |
+| `multi`           | `prompt`, `responses` (a list of strings) | prompt + each response (best-of-N in one row) |
+
+`group_field` (with `messages` or `prompt_response`) names a prompt-id column: rows sharing it
+form a best-of-N group and get their rank within it. The id is the `id_field` column when the
+first row has it (then every row must), else the row number.
+
+Every row also carries its `group`: the key of the prompt its samples share (the pair's or
+multi row's id, or the group column), so a shared-prefix scorer can use it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+SHAPES = ("auto", "messages", "prompt_response", "pair", "multi")
+
+
+@dataclass(frozen=True)
+class ShapeConfig:
+    shape: str = "auto"
+    id_field: str = "id"
+    messages_field: str = "messages"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    responses_field: str = "responses"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    group_field: str | None = None        # best-of-N across rows: the prompt-id column
+    keep: tuple[str, ...] = ()            # input columns copied to the output as they are
+    ids_from_column: bool | None = None   # resolved from the first row
+
+    def __post_init__(self):
+        if self.shape not in SHAPES:
+            raise ValueError(f"shape must be one of {SHAPES}, got {self.shape!r}")
+        if self.group_field and self.shape in ("pair", "multi"):
+            raise ValueError("--group-field groups rows that hold one answer each (messages or "
+                             "prompt_response shapes); pair and multi rows are their own groups")
+
+    @property
+    def ranked(self) -> bool:
+        return self.shape == "multi" or self.group_field is not None
+
+    def sides(self) -> tuple[str, ...]:
+        """Output-column prefixes of a row's samples (pair: chosen_, rejected_)."""
+        return ("chosen", "rejected") if self.shape == "pair" else ("",)
+
+
+@dataclass
+class Row:
+    index: int                  # row number in the input
+    id: Any
+    samples: list               # conversations (message lists) to score
+    group: Any = None           # the key of the prompt these samples share
+    keep: dict = field(default_factory=dict)
+
+
+@dataclass
+class RowError:
+    index: int
+    id: Any
+    error: str
+
+
+class _Bad(Exception):
+    pass
+
+
+def parse_raw(raw: Any) -> dict:
+    """A raw row (jsonl bytes/str or a dict) -> dict, or _Bad with the reason."""
+    if isinstance(raw, dict):
+        return raw
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _Bad(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        row = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise _Bad(f"malformed JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(row, dict):
+        raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
+    return row
+
+
+def resolve(config: ShapeConfig, first: dict) -> ShapeConfig:
+    """Fill `shape` (when auto) and the id mode from the first well-formed row."""
+    shape = config.shape
+    if shape == "auto":
+        keys = set(first)
+        if {config.chosen_field, config.rejected_field} <= keys:
+            shape = "pair"
+        elif config.messages_field in keys:
+            shape = "messages"
+        elif {config.prompt_field, config.responses_field} <= keys:
+            shape = "multi"
+        elif {config.prompt_field, config.response_field} <= keys:
+            shape = "prompt_response"
+        else:
+            raise ValueError(f"cannot tell the row shape from the first row's columns {sorted(keys)}; "
+                             "pass --shape and the column names")
+    return replace(config, shape=shape, ids_from_column=config.id_field in first)
+
+
+def _require(row: dict, name: str) -> Any:
+    if name not in row or row[name] is None:
+        raise _Bad(f"missing field '{name}'")
+    return row[name]
+
+
+def _conversation(row: dict, cfg: ShapeConfig, answer: Any, what: str) -> Any:
+    """A side given as a message list is taken as it is (the engine checks it); a string is the
+    assistant's answer to the prompt column."""
+    if isinstance(answer, (list, tuple)):
+        return list(answer)
+    if not isinstance(answer, str):
+        raise _Bad(f"field '{what}' must be a string or a message list, got {type(answer).__name__}")
+    prompt = _require(row, cfg.prompt_field)
+    if isinstance(prompt, str):
+        context = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, (list, tuple)):
+        context = list(prompt)
+    else:
+        raise _Bad(f"field '{cfg.prompt_field}' must be a string or a message list")
+    return context + [{"role": "assistant", "content": answer}]
+
+
+def make_row(cfg: ShapeConfig, index: int, raw: Any) -> Row | RowError:
+    """cfg must be resolved (see `resolve`)."""
+    rid: Any = index
+    try:
+        row = parse_raw(raw)
+        if cfg.ids_from_column:
+            rid = _require(row, cfg.id_field)
+            if isinstance(rid, bool) or not isinstance(rid, (int, str)):
+                raise _Bad(f"id field '{cfg.id_field}' must be an integer or a string, got {rid!r}")
+        if cfg.shape == "messages":
+            samples = [_require(row, cfg.messages_field)]
+        elif cfg.shape == "prompt_response":
+            samples = [_conversation(row, cfg, _require(row, cfg.response_field), cfg.response_field)]
+        elif cfg.shape == "pair":
+            samples = [_conversation(row, cfg, _require(row, cfg.chosen_field), cfg.chosen_field),
+                       _conversation(row, cfg, _require(row, cfg.rejected_field), cfg.rejected_field)]
+        else:
+            responses = _require(row, cfg.responses_field)
+            if not isinstance(responses, (list, tuple)) or not responses:
+                raise _Bad(f"field '{cfg.responses_field}' must be a non-empty list of responses")
+            samples = [_conversation(row, cfg, r, f"{cfg.responses_field}[{i}]") for i, r in enumerate(responses)]
+        group = rid
+        if cfg.group_field:
+            group = _require(row, cfg.group_field)
+            if isinstance(group, bool) or not isinstance(group, (int, str)):
+                raise _Bad(f"group field '{cfg.group_field}' must be an integer or a string, got {group!r}")
+        return Row(index, rid, samples, group, {k: row.get(k) for k in cfg.keep})
+    except _Bad as e:
+        return RowError(index, rid, str(e))

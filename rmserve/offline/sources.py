@@ -1,0 +1,126 @@
+"""Input files of the offline job, read as a stream of raw rows.
+
+A raw row is what the file holds for one row before any checking: a line (bytes) for jsonl
+(parsed later, so a malformed line becomes that row's error, not a crash) or a dict for parquet
+and `datasets` rows. Row numbers count the rows the file holds from 0 (blank jsonl lines are
+not rows).
+
+| kind      | how it is named                                     | fingerprint                   |
+|-----------|-----------------------------------------------------|-------------------------------|
+| jsonl     | `*.jsonl`, `*.json`, `*.ndjson`                     | blake2b of the file's bytes   |
+| jsonl.gz  | the same with `.gz`                                 | blake2b of the compressed bytes |
+| parquet   | `*.parquet` (a file)                                | blake2b of the file's bytes   |
+| datasets  | a directory written by `Dataset.save_to_disk`, or `hf:<name>` / `hf:<name>:<split>` on the hub | blake2b of the directory's data files / the hub dataset's own fingerprint |
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+PARQUET_BATCH = 4096
+
+
+class SourceError(ValueError):
+    """The input cannot be read at all (not a per-row problem)."""
+
+
+def _hash_file(path: str, h) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input: its kind, where it is, and (for the hub) which split."""
+    kind: str        # jsonl | jsonl.gz | parquet | datasets-dir | datasets-hub
+    path: str
+    split: str | None = None
+
+    # ---- one pass over the whole input: rows and fingerprint ----
+    def scan(self) -> tuple[int, str]:
+        """(number of rows, fingerprint). Reads the input once; memory stays bounded."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.kind.encode())
+        if self.kind in ("jsonl", "jsonl.gz"):
+            _hash_file(self.path, h)
+            return sum(1 for _ in self._lines()), h.hexdigest()
+        if self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            _hash_file(self.path, h)
+            return pq.ParquetFile(self.path).metadata.num_rows, h.hexdigest()
+        if self.kind == "datasets-dir":
+            for root, dirs, files in sorted(os.walk(self.path)):
+                dirs.sort()
+                for name in sorted(files):
+                    full = os.path.join(root, name)
+                    h.update(os.path.relpath(full, self.path).encode())
+                    _hash_file(full, h)
+            return len(self._dataset()), h.hexdigest()
+        ds = self._dataset()
+        h.update(f"{self.path}:{self.split}:{ds._fingerprint}".encode())
+        return len(ds), h.hexdigest()
+
+    def rows(self) -> Iterator[Any]:
+        """Every raw row in order."""
+        if self.kind in ("jsonl", "jsonl.gz"):
+            yield from self._lines()
+        elif self.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            for batch in pq.ParquetFile(self.path).iter_batches(batch_size=PARQUET_BATCH):
+                yield from batch.to_pylist()
+        else:
+            ds = self._dataset()
+            for start in range(0, len(ds), PARQUET_BATCH):
+                yield from ds.select(range(start, min(start + PARQUET_BATCH, len(ds)))).to_list()
+
+    def _lines(self) -> Iterator[bytes]:
+        """Non-blank lines as bytes (decoded per row, so bad UTF-8 is that row's error)."""
+        with (gzip.open(self.path, "rb") if self.kind == "jsonl.gz" else open(self.path, "rb")) as f:
+            for line in f:
+                if line.strip():
+                    yield line
+
+    def _dataset(self):
+        try:
+            import datasets
+        except ImportError as e:
+            raise SourceError("reading a Hugging Face dataset needs the `datasets` package: "
+                              "pip install 'rmserve[datasets]'") from e
+        if self.kind == "datasets-dir":
+            ds = datasets.load_from_disk(self.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if self.split is None:
+                    raise SourceError(f"{self.path} holds splits {sorted(ds)}; pass --split")
+                ds = ds[self.split]
+            return ds
+        return datasets.load_dataset(self.path, split=self.split or "train")
+
+
+def open_source(spec: str, split: str | None = None) -> Source:
+    """A path or `hf:<name>[:<split>]` -> Source. Raises SourceError for what cannot be read."""
+    if spec.startswith("hf:"):
+        name, _, hub_split = spec[3:].partition(":")
+        return Source("datasets-hub", name, split or hub_split or None)
+    if os.path.isdir(spec):
+        if not (os.path.exists(os.path.join(spec, "dataset_info.json"))
+                or os.path.exists(os.path.join(spec, "dataset_dict.json"))):
+            raise SourceError(f"{spec} is a directory but not a dataset saved with save_to_disk")
+        return Source("datasets-dir", spec, split)
+    if not os.path.exists(spec):
+        raise SourceError(f"{spec}: no such file (for a hub dataset write hf:<name>[:<split>])")
+    name = spec.lower()
+    if name.endswith(".parquet"):
+        return Source("parquet", spec)
+    for ext in (".jsonl", ".json", ".ndjson"):
+        if name.endswith(ext + ".gz"):
+            return Source("jsonl.gz", spec)
+        if name.endswith(ext):
+            return Source("jsonl", spec)
+    raise SourceError(f"{spec}: unknown input type; expected .jsonl, .jsonl.gz, .parquet, a datasets "
+                      "directory, or hf:<name>")
