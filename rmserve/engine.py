@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
@@ -10,6 +10,7 @@ from .inputs import Encoded, InputError, Preprocessor
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
 from .packing import PackedBatch, pack, plan_batches
+from .prefix import score_shared
 from .results import ScoreResult
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -37,6 +38,12 @@ class EngineConfig:
     bos: str = "one"                     # BOS policy, see inputs.py
     max_length: int | None = None        # per-sample cap; None: the model's max_position_embeddings
     chat_template: str | None = None     # override the checkpoint's template
+    share_prefix: bool = True            # run a prompt shared by several samples once (rmserve/prefix.py)
+    share_min_tokens: int = 16           # least common leading tokens worth sharing
+    enforce_eager: bool = False          # CUDA: run every batch eagerly, no CUDA graphs (cuda_graphs.py)
+    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the engine may hold; sizes the token budget
+    tokenizer_threads: int = 1           # score_stream: threads tokenizing ahead of the device
+    lookahead: int = 2048                # score_stream: samples sorted by length together (bounds memory)
 
 
 def load_tokenizer(model_dir: str):
@@ -63,6 +70,12 @@ class Engine:
                               max_length=min(config.max_length or limit, limit))
         self.attention, attn = select_attention(config.attention, self.device)
         model.backbone.attn = attn
+        self.graphs = None   # CUDA: the batch budget comes from free memory, then graphs are captured
+        if self.device.type == "cuda":
+            from .cuda_graphs import prepare_cuda
+
+            budget, self.graphs = prepare_cuda(self)
+            self.config = replace(self.config, max_batch_tokens=budget)
         self.preprocessor = Preprocessor(tokenizer, bos=config.bos, max_length=self.config.max_length,
                                          needs_gate=model.head.needs_gate, chat_template=config.chat_template)
 
@@ -88,13 +101,19 @@ class Engine:
     def encode(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
         return self.preprocessor.encode_many(conversations)
 
-    def score(self, conversations: Sequence[Any]) -> list[ScoreResult]:
+    def score(self, conversations: Sequence[Any], groups: Sequence[Any] | None = None) -> list[ScoreResult]:
         """Message lists (or token-id lists) -> one ScoreResult each, in input order.
 
-        A sample that cannot be scored gets a result with `error` set; the others are unaffected."""
-        return self.score_encoded(self.encode(conversations))
+        A sample that cannot be scored gets a result with `error` set; the others are unaffected.
+        groups: optional key per sample (prompt id, pair id; None: on its own). With share_prefix on,
+        samples with one key run their common prompt once; with no groups given, samples that
+        start with the same tokens are found and grouped automatically."""
+        return self.score_encoded(self.encode(conversations), groups)
 
-    def score_encoded(self, encoded: Sequence[Encoded | InputError]) -> list[ScoreResult]:
+    def score_encoded(self, encoded: Sequence[Encoded | InputError],
+                      groups: Sequence[Any] | None = None) -> list[ScoreResult]:
+        if self.config.share_prefix:
+            return score_shared(self, encoded, groups)
         results: list[ScoreResult | None] = [None] * len(encoded)
         good = [i for i, e in enumerate(encoded) if isinstance(e, Encoded)]
         for i, e in enumerate(encoded):
@@ -108,13 +127,39 @@ class Engine:
                 results[good[j]] = self._result(outputs, row, len(items[row]))
         return results  # type: ignore[return-value]
 
+    def score_stream(self, conversations: Iterable[Any]) -> Iterator[tuple[int, ScoreResult]]:
+        """Score a stream of any length with bounded memory: yields (index, ScoreResult) for every
+        input, index being its position in `conversations`, in completion order (not input order).
+
+        Inputs are what `score` takes (message lists or token-id lists). Tokenization runs on
+        `tokenizer_threads` worker threads ahead of the device; samples are packed by length within
+        a window of `lookahead` samples (scheduler.py); on CUDA, host-to-device copies are
+        asynchronous from pinned memory, only the head's outputs come back, and one batch is in
+        flight while the host prepares the next (pipeline.py). A sample's result equals what
+        `score` gives for it in the same batch; samples that cannot be scored come back with
+        `error` set. Shared-prefix scoring is not applied here.
+
+            for index, result in engine.score_stream(rows):
+                out[index] = result
+        """
+        from .pipeline import score_stream
+
+        return score_stream(self, conversations)
+
     def make_batch(self, items: Sequence[Encoded]) -> PackedBatch:
         gates = [e.gate for e in items] if self.model.head.needs_gate else None
         return pack([e.ids for e in items], gates, device=self.device)
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """One packed batch -> the head's outputs (fp32, on the engine's device)."""
+        """One packed batch -> the head's outputs (fp32, on the engine's device): a CUDA graph's
+        replay when a bucket fits it (cuda_graphs.py), else eager."""
+        if self.graphs is not None:
+            return self.graphs(batch)
+        return self.forward_eager(batch)
+
+    @torch.inference_mode()
+    def forward_eager(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = self.model.backbone(batch)
         h_gate = hidden[batch.gate_idx] if batch.gate_idx is not None else None
         return self.model.head(hidden[batch.last_idx], h_gate)

@@ -17,6 +17,12 @@ class PackedBatch:
     max_seqlen int         longest sequence
     last_idx   [B] int64   flat index of each sequence's last token (pooling)
     gate_idx   [B] int64   flat index of each sequence's gating token (ArmoRM/QRM), else None
+
+    Shared prefixes (rmserve/prefix.py) give a sequence more keys than queries; then
+    kv_idx       [Tk] int64   flat token index of each key row, per sequence [prefix ; own tokens]
+    cu_seqlens_k [B+1] int32  cumulative key lengths
+    max_seqlen_k int          longest key sequence
+    and last_idx / gate_idx count B as the scored samples only. All None on the plain path.
     """
     tokens: torch.Tensor
     positions: torch.Tensor
@@ -24,6 +30,9 @@ class PackedBatch:
     max_seqlen: int
     last_idx: torch.Tensor
     gate_idx: torch.Tensor | None = None
+    kv_idx: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_k: int | None = None
 
     @property
     def num_seqs(self) -> int:

@@ -50,7 +50,11 @@ class Attention(nn.Module):
         k = rope.apply_rope_ref(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         cu, m = batch.cu_seqlens, batch.max_seqlen
-        o = attn(q, k, v, cu, cu, m, m, self.scale)
+        if batch.kv_idx is None:
+            o = attn(q, k, v, cu, cu, m, m, self.scale)
+        else:  # shared prefixes: each sequence's keys are [its group's prefix ; its own tokens]
+            k, v = k[batch.kv_idx], v[batch.kv_idx]
+            o = attn(q, k, v, cu, batch.cu_seqlens_k, m, batch.max_seqlen_k, self.scale)
         return self.o_proj(o.reshape(-1, s.q_size))
 
 

@@ -1,0 +1,219 @@
+"""Shared-prefix scoring (rmserve/prefix.py) gives the scores of scoring every sample whole.
+
+The oracle is the same engine with share_prefix=False (itself checked against transformers in
+test_exact.py), plus transformers directly on a few samples. Samples are built at the token
+level so that every awkward case is present: prefixes ending mid-turn, the gating token in the
+shared prompt or in a member's own tokens, groups of one, a suffix of one token, identical
+samples, and grouped samples mixed with ungrouped ones, under token budgets that split groups.
+"""
+import random
+
+import pytest
+import torch
+
+from rmserve import Engine
+from rmserve.inputs import Encoded
+from rmserve.prefix import (KEY_BUDGET_FACTOR, Group, computed_tokens, find_groups, fit_budget, plan, plan_call,
+                            shared_length)
+
+from .helpers import FAMILIES, random_conversation, random_text
+from .reference import Reference
+
+# fp32 on CPU: the shared and plain paths add the same terms in a different order (a prefix
+# row's attention and matmuls run in a different batch); 1e-5 relative is the spec's bar,
+# atol 1e-5 for outputs near zero.
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def random_tail(rng: random.Random, n: int) -> list[int]:
+    """n ordinary byte tokens (ids below 256 are the tiny tokenizer's byte alphabet, never special)."""
+    return [rng.randrange(256) for _ in range(n)]
+
+
+def make_samples(engine: Engine, rng: random.Random) -> tuple[list[list[int]], list]:
+    """Token-id samples and one group key each (None: ungrouped)."""
+    gated = engine.model.head.needs_gate
+    samples: list[list[int]] = []
+    keys: list = []
+
+    def add(ids, key):
+        samples.append(list(ids))
+        keys.append(key)
+
+    bases = [e for e in engine.encode([random_conversation(rng, max_turns=2, hi=12) for _ in range(5)])]
+    assert all(isinstance(e, Encoded) for e in bases)
+    for b, base in enumerate(bases):
+        s, g = list(base.ids), base.gate
+        # answers to one prompt, rendered by the chat template (best-of-N; may share past the header)
+        prompt = random_conversation(rng, max_turns=2, hi=12)[:-1]
+        answers = [prompt + [{"role": "assistant", "content": random_text(rng, 1, 8)}]
+                   for _ in range(rng.randint(2, 4))]
+        for enc in engine.encode(answers):
+            add(enc.ids, ("answers", b))
+        # token-level variants cut mid-turn (after the gating pattern when the head gates)
+        lo = g + 6 if gated else 2
+        for _ in range(rng.randint(1, 3)):
+            k = rng.randint(lo, len(s) - 1)
+            add(s[:k] + random_tail(rng, rng.randint(1, 15)), ("cut", b))
+        add(s, ("cut", b))
+        # a suffix of one token: the sample and itself with another last token
+        add(s, ("one", b))
+        add(s[:-1] + random_tail(rng, 1), ("one", b))
+        # identical samples: each must keep one token of its own
+        for _ in range(3):
+            add(s, ("same", b))
+        # the gating token in each member's own tokens: cut before it, tails that carry a pattern
+        if gated:
+            other = list(bases[(b + 1) % len(bases)].ids)
+            og = bases[(b + 1) % len(bases)].gate
+            k = rng.randint(2, g)
+            for _ in range(2):
+                j = rng.randint(1, og)
+                add(s[:k] + other[j:j + og - j + 5 + rng.randint(1, 10)], ("gate-in-suffix", b))
+        # a group of one and an ungrouped sample
+        add(s[: rng.randint(lo, len(s))], ("alone", b))
+        add(list(bases[b].ids), None)
+    order = list(range(len(samples)))
+    rng.shuffle(order)
+    return [samples[i] for i in order], [keys[i] for i in order]
+
+
+def assert_results_close(got, want, what):
+    assert len(got) == len(want)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.ok and b.ok, (a.error, b.error)
+        assert a.num_tokens == b.num_tokens
+        for key, value in b.to_dict().items():
+            if key in ("error", "num_tokens", "names"):
+                continue
+            torch.testing.assert_close(torch.tensor(getattr(a, key)), torch.tensor(value), rtol=RTOL, atol=ATOL,
+                                       msg=lambda m: f"{what} sample {i} {key}: {m}")
+
+
+def engines(path, **settings):
+    plain = Engine.from_pretrained(path, dtype="float32", device="cpu", share_prefix=False, **settings)
+    shared = Engine.from_pretrained(path, dtype="float32", device="cpu", share_prefix=True, **settings)
+    return plain, shared
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sharing_equals_plain(tiny_model, family, rng):
+    # A budget that splits the larger groups into chunks and leaves some whole.
+    plain, shared = engines(tiny_model(family), max_batch_tokens=600)
+    samples, keys = make_samples(plain, rng)
+    encoded = plain.encode(samples)
+    assert all(isinstance(e, Encoded) for e in encoded)
+    want = plain.score(samples)
+    for hints in (keys, None):
+        cfg = shared.config
+        batches = plan_call(encoded, hints, min_shared=cfg.share_min_tokens, max_tokens=cfg.max_batch_tokens,
+                            max_seqs=cfg.max_batch_seqs)
+        lengths = [len(e) for e in encoded]
+        # the test must exercise sharing: some groups share, fewer tokens run than without
+        assert any(g.prefix > 0 for b in batches for g in b)
+        assert computed_tokens(batches, lengths) < sum(lengths)
+        got = shared.score(samples, groups=hints)
+        assert_results_close(got, want, f"{family} hints={'yes' if hints else 'auto'}")
+
+
+@pytest.mark.parametrize("family", ["armorm", "urm"])
+def test_sharing_matches_transformers(tiny_model, family, rng):
+    path = tiny_model(family)
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu")
+    assert engine.config.share_prefix   # on by default
+    ref = Reference(path)
+    prompt = random_conversation(rng, max_turns=2)[:-1]
+    convs = [prompt + [{"role": "assistant", "content": random_text(rng)}] for _ in range(3)]
+    encoded = engine.encode(convs)
+    assert find_groups([e.ids for e in encoded])[0].prefix > 0
+    for enc, res in zip(encoded, engine.score(convs)):
+        want = ref.outputs(list(enc.ids), enc.gate)
+        for key, value in want.items():
+            got = torch.tensor(getattr(res, key), dtype=torch.float32)
+            torch.testing.assert_close(got, value.float().reshape(got.shape), rtol=RTOL, atol=ATOL)
+
+
+def test_gating_input_read_from_the_prefix(tiny_model, rng):
+    """Best-of-N on a gating model: one prefix, every member's gate row inside it."""
+    from rmserve.prefix import pack_shared
+
+    engine = Engine.from_pretrained(tiny_model("qrm"), dtype="float32", device="cpu")
+    prompt = random_conversation(rng, max_turns=2)[:-1]
+    encoded = engine.encode([prompt + [{"role": "assistant", "content": random_text(rng)}] for _ in range(4)])
+    seqs, gates = [e.ids for e in encoded], [e.gate for e in encoded]
+    (group,) = find_groups(seqs)
+    assert group.prefix > max(gates)
+    batch = pack_shared(seqs, gates, [group])
+    assert batch.gate_idx.tolist() == gates   # the prefix is the batch's first segment
+    assert batch.num_tokens == group.cost([len(s) for s in seqs])
+    results = engine.score([list(s) for s in seqs])
+    assert len({tuple(r.gating) for r in results}) == 1   # one gating input, one gating output
+
+
+def test_cut_leaves_every_member_a_token():
+    a = [1, 2, 3, 4, 5]
+    assert shared_length([a, a, a], [0, 1, 2]) == 4
+    assert shared_length([a, a[:3]], [0, 1]) == 2
+    assert shared_length([a, [1, 2, 9]], [0, 1]) == 2
+    assert shared_length([[7], [7]], [0, 1]) == 0
+    assert find_groups([a, a, [1, 2, 9], [8, 8]], min_shared=3) == [Group((0, 1), 4), Group((2,)), Group((3,))]
+    # sharing 2 tokens three ways saves as much as 4 tokens two ways: the larger group is kept
+    assert find_groups([a, a, [1, 2, 9], [8, 8]], min_shared=2) == [Group((0, 1, 2), 2), Group((3,))]
+    # a common lead shorter than min_shared does not share
+    assert find_groups([a, a], min_shared=5) == [Group((0,)), Group((1,))]
+
+
+def test_detection_prefers_the_deeper_split():
+    """Two prompts with a short common lead: two groups sharing each prompt, not one sharing the lead."""
+    lead = list(range(100, 120))
+    p, q = lead + [1] * 50, lead + [2] * 50
+    seqs = [p + [3], q + [4], p + [5], q + [6], p + [7]]
+    assert find_groups(seqs, min_shared=8) == [Group((0, 2, 4), 70), Group((1, 3), 70)]
+    # the same with hints, and a hint that names a group of one
+    assert find_groups(seqs, ["p", "q", "p", "q", "r"], min_shared=8) == [
+        Group((0, 2), 70), Group((1, 3), 70), Group((4,))]
+
+
+def test_hint_errors():
+    with pytest.raises(ValueError, match="one key per sample"):
+        find_groups([[1, 2], [1, 3]], ["a"])
+    with pytest.raises(TypeError, match="hashable"):
+        find_groups([[1, 2], [1, 3]], [["a"], ["a"]])
+
+
+def test_engine_rejects_wrong_number_of_groups(tiny_model):
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu")
+    with pytest.raises(ValueError, match="one key per sample"):
+        engine.score([[1, 2, 3], [1, 2, 4]], groups=["a"])
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_plan_keeps_every_row_once(seed):
+    """Random groups under tight budgets: every sample in exactly one batch, limits respected."""
+    rng = random.Random(seed)
+    n = rng.randint(1, 60)
+    seqs = []
+    for _ in range(n):
+        if seqs and rng.random() < 0.6:
+            base = rng.choice(seqs)
+            k = rng.randint(0, len(base))
+            seqs.append(base[:k] + [rng.randrange(50) for _ in range(rng.randint(0 if k else 1, 40))])
+        else:
+            seqs.append([rng.randrange(50) for _ in range(rng.randint(1, 120))])
+    lengths = [len(s) for s in seqs]
+    max_tokens = rng.randint(20, 400)
+    max_seqs = rng.choice([None, 1, 2, 5])
+    hints = [rng.choice([None, "a", "b", "c"]) for _ in seqs] if rng.random() < 0.5 else None
+    groups = fit_budget(find_groups(seqs, hints, min_shared=rng.randint(1, 10)), lengths, max_tokens, max_seqs)
+    batches = plan(groups, lengths, max_tokens, max_seqs)
+    rows = sorted(m for b in batches for g in b for m in g.members)
+    assert rows == list(range(n))
+    for b in batches:
+        for g in b:
+            assert g.prefix == 0 or (len(g.members) > 1 and g.prefix <= shared_length(seqs, g.members))
+            assert all(lengths[m] > g.prefix for m in g.members)
+        if len(b) > 1:   # a batch over a limit holds a single group
+            assert sum(g.cost(lengths) for g in b) <= max_tokens
+            assert sum(g.keys(lengths) for g in b) <= KEY_BUDGET_FACTOR * max_tokens
+        if max_seqs is not None:
+            assert sum(len(g.members) for g in b) <= max_seqs
