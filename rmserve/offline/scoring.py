@@ -37,8 +37,11 @@ def encode_rows(encode: Callable[[Sequence[Any]], list], items: Sequence[Row | R
 
 def score_samples(engine, encoded: Sequence[Encoded | InputError], groups: Sequence[Any]) -> list[ScoreResult]:
     """The job's one call into the engine. `groups[i]` is the key of the prompt sample i shares with
-    others (pair id, prompt id): samples are given grouped, in input order."""
-    return engine.score_encoded(encoded)
+    others (pair id, prompt id): samples are given grouped, in input order. The keys go to the
+    engine's shared-prefix scoring (rmserve/prefix.py) when some key is shared; when every key is
+    distinct (one answer per row, no group field) the engine finds shared prompts by itself."""
+    shared = len(set(groups)) < len(groups)
+    return engine.score_encoded(encoded, groups if shared else None)
 
 
 def result_fields(res: ScoreResult) -> dict[str, Any]:
