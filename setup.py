@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rmserve", "rmserve.model", "rmserve.heads", "rmserve.kernels"],
+    packages=["rmserve", "rmserve.model", "rmserve.heads", "rmserve.server", "rmserve.kernels"],
     package_dir={"rmserve.kernels": "kernels"},
     install_requires=[
         # torch 2.11 is the GPU image's; 2.13 is what CPU CI runs.

@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from .server.main import add_parser as add_serve_parser
+
 
 def _score(args: argparse.Namespace) -> int:
     """The offline job (rmserve/offline/): exit 0 all rows scored, 3 some rows bad (see the errors
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rmserve", description="Fast, exact reward-model inference")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,66 @@
+"""`rmserve serve`: load a model, put an AsyncEngine and the app in front of it, run uvicorn.
+
+Importing this module is cheap (no fastapi, torch or uvicorn); `serve` imports them.
+SIGTERM / Ctrl-C: uvicorn stops accepting connections, lets in-flight requests finish (up to
+--drain-timeout), then the AsyncEngine drains and the process exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+API_KEY_ENV = "RMSERVE_API_KEY"
+
+
+def add_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve a reward model over HTTP",
+                       description="Serve a reward model over HTTP: POST /v1/score, POST /get_reward (OpenRLHF), "
+                                   "GET /health, /v1/models, /metrics; OpenAPI at /docs.")
+    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--device", default=None)
+    s.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
+    s.add_argument("--max-length", type=int, default=None, help="longest sample in tokens (default: the model's)")
+    s.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one batch")
+    s.add_argument("--max-wait-ms", type=float, default=2.0,
+                   help="longest the oldest queued sample waits for a fuller batch")
+    s.add_argument("--max-pending", type=int, default=4096,
+                   help="samples admitted and not yet answered; past it requests get 429")
+    s.add_argument("--max-items", type=int, default=256, help="conversations or queries in one request")
+    s.add_argument("--max-sample-chars", type=int, default=1_000_000, help="characters in one sample")
+    s.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
+    s.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM")
+    s.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer <key>' (prefer the {API_KEY_ENV} environment variable)")
+    s.add_argument("--log-level", default="info")
+    s.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from ..async_engine import AsyncEngine, BatchingConfig
+    from ..engine import Engine
+    from .app import ServerConfig, create_app
+
+    if args.max_items > args.max_pending:
+        print(f"--max-items ({args.max_items}) cannot exceed --max-pending ({args.max_pending})", file=sys.stderr)
+        return 2
+    if args.model.startswith("tiny:"):
+        print(f"note: {args.model} has random weights; its scores are meaningless", file=sys.stderr)
+    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
+                                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
+    config = ServerConfig(
+        model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        max_items=args.max_items, max_sample_chars=args.max_sample_chars, max_body_bytes=args.max_body_bytes,
+        drain_timeout_s=args.drain_timeout)
+    batching = BatchingConfig(max_wait_ms=args.max_wait_ms, max_pending=args.max_pending)
+    app = create_app(AsyncEngine(engine, batching), config)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=args.drain_timeout, access_log=False)
+    return 0
