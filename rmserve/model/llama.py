@@ -3,30 +3,30 @@ except the two fused projections made at load (see loader.PACKED)."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelSpec
 from ..packing import PackedBatch
+from ..kernels.dispatch import TORCH_OPS, Ops
+from ..kernels.rmsnorm import rms_norm_ref  # noqa: F401  (the HF-exact reference, re-exported)
 from . import rope
 from .attention import AttentionFn, attention_ref
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF LlamaRMSNorm: statistics in fp32, scale applied after casting back."""
-    xf = x.to(torch.float32)
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
 class RMSNorm(nn.Module):
+    """forward(x, residual) -> (norm(residual + x), residual + x); with residual None, (norm(x), x).
+    The add is fused into the norm (kernels/rmsnorm.py); `ops` is chosen by LlamaBackbone.use_kernels."""
+    ops: Ops = TORCH_OPS
+
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm_ref(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps), x
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def _linear(n_in: int, n_out: int) -> nn.Linear:
@@ -36,6 +36,8 @@ def _linear(n_in: int, n_out: int) -> nn.Linear:
 
 
 class Attention(nn.Module):
+    ops: Ops = TORCH_OPS
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
@@ -43,11 +45,11 @@ class Attention(nn.Module):
         self.o_proj = _linear(spec.q_size, spec.hidden_size)
         self.scale = spec.head_dim ** -0.5
 
-    def forward(self, x, cos, sin, batch: PackedBatch, attn: AttentionFn) -> torch.Tensor:
+    def forward(self, x, inv_freq, batch: PackedBatch, attn: AttentionFn) -> torch.Tensor:
         s = self.spec
         q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
-        q = rope.apply_rope_ref(q.view(-1, s.num_heads, s.head_dim), cos, sin)
-        k = rope.apply_rope_ref(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)
+        q, k = q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim)
+        self.ops.rope(q, k, batch.positions, inv_freq)   # in place, inside the fused QKV output
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         cu, m = batch.cu_seqlens, batch.max_seqlen
         if batch.kv_idx is None:
@@ -59,14 +61,15 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    ops: Ops = TORCH_OPS
+
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.gate_up_proj = _linear(spec.hidden_size, 2 * spec.intermediate_size)
         self.down_proj = _linear(spec.intermediate_size, spec.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -77,9 +80,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
-    def forward(self, x, cos, sin, batch, attn):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, inv_freq, batch, attn):
+        """x: the previous sublayer's output, residual: the stream before it (None in layer 0).
+        Returns this layer's MLP output and the stream before it; the next norm adds them."""
+        x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, inv_freq, batch, attn)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class LlamaBackbone(nn.Module):
@@ -96,8 +103,13 @@ class LlamaBackbone(nn.Module):
         self.register_buffer("inv_freq", rope.inv_freq(spec.rope, spec.head_dim), persistent=False)
 
     def forward(self, batch: PackedBatch) -> torch.Tensor:
-        x = self.embed_tokens(batch.tokens)
-        cos, sin = rope.cos_sin(batch.positions, self.inv_freq, x.dtype)
+        x, residual = self.embed_tokens(batch.tokens), None
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, self.attn)
-        return self.norm(x)
+            x, residual = layer(x, residual, self.inv_freq, batch, self.attn)
+        return self.norm(x, residual)[0]
+
+    def use_kernels(self, ops: Ops) -> None:
+        """Run RMSNorm (+ residual add), RoPE and SiLU*up through `ops` (kernels/dispatch.py)."""
+        for m in self.modules():
+            if isinstance(m, (RMSNorm, Attention, MLP)):
+                m.ops = ops
