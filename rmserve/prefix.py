@@ -252,15 +252,6 @@ def pack_shared(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | Non
     )
 
 
-@torch.inference_mode()
-def forward_shared(engine, batch: PackedBatch) -> dict[str, torch.Tensor]:
-    """Eager forward of a shared batch (kept apart from Engine.forward, which may be graph-captured
-    for plain batches): backbone, then the head on the gathered last and gating rows."""
-    hidden = engine.model.backbone(batch)
-    h_gate = hidden[batch.gate_idx] if batch.gate_idx is not None else None
-    return engine.model.head(hidden[batch.last_idx], h_gate)
-
-
 def plan_call(encoded: Sequence[Encoded], groups: Sequence[Hashable | None] | None, *, min_shared: int,
               max_tokens: int, max_seqs: int | None) -> list[list[Group]]:
     """Grouping, budget splits and batch plan for one call's scorable samples."""
@@ -294,7 +285,8 @@ def score_shared(engine, encoded: Sequence[Encoded | InputError],
         else:
             gates = [e.gate for e in items] if needs_gate else None
             batch = pack_shared([e.ids for e in items], gates, batch_groups, engine.device)
-            outputs = {k: v.cpu().tolist() for k, v in forward_shared(engine, batch).items()}
+            # eager: Engine.forward may replay CUDA graphs captured for plain batches only
+            outputs = {k: v.cpu().tolist() for k, v in engine.forward_eager(batch).items()}
         for row, m in enumerate(members):
             results[good[m]] = engine._result(outputs, row, len(items[m]))
     return results  # type: ignore[return-value]
