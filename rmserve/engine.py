@@ -7,11 +7,13 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .inputs import Encoded, InputError, Preprocessor
+from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
 from .packing import PackedBatch, pack, plan_batches
 from .prefix import score_shared
 from .results import ScoreResult
+from .sampling import add_samples, check_sampling
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -44,6 +46,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory the engine may hold; sizes the token budget
     tokenizer_threads: int = 1           # score_stream: threads tokenizing ahead of the device
     lookahead: int = 2048                # score_stream: samples sorted by length together (bounds memory)
+    kernels: str = "auto"                # auto: Triton kernels on CUDA, PyTorch refs elsewhere; triton | torch
 
 
 def load_tokenizer(model_dir: str):
@@ -70,6 +73,10 @@ class Engine:
                               max_length=min(config.max_length or limit, limit))
         self.attention, attn = select_attention(config.attention, self.device)
         model.backbone.attn = attn
+        self.ops = select_kernels(config.kernels, self.device)   # before any CUDA graph is captured
+        model.backbone.use_kernels(self.ops)
+        model.head.use_kernels(self.ops)
+        self.config = replace(self.config, kernels=self.ops.name)
         self.graphs = None   # CUDA: the batch budget comes from free memory, then graphs are captured
         if self.device.type == "cuda":
             from .cuda_graphs import prepare_cuda
@@ -101,14 +108,20 @@ class Engine:
     def encode(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
         return self.preprocessor.encode_many(conversations)
 
-    def score(self, conversations: Sequence[Any], groups: Sequence[Any] | None = None) -> list[ScoreResult]:
+    def score(self, conversations: Sequence[Any], groups: Sequence[Any] | None = None, *,
+              samples: int = 0, seed: int = 0) -> list[ScoreResult]:
         """Message lists (or token-id lists) -> one ScoreResult each, in input order.
 
         A sample that cannot be scored gets a result with `error` set; the others are unaffected.
         groups: optional key per sample (prompt id, pair id; None: on its own). With share_prefix on,
         samples with one key run their common prompt once; with no groups given, samples that
-        start with the same tokens are found and grouped automatically."""
-        return self.score_encoded(self.encode(conversations), groups)
+        start with the same tokens are found and grouped automatically.
+        samples, seed: URM and QRM only: K draws per sample into `samples` / `score_samples`; the same
+        seed gives the same draws for a sample whatever else is in the call (rmserve/sampling.py)."""
+        check_sampling(self.family, samples, seed)
+        encoded = self.encode(conversations)
+        results = self.score_encoded(encoded, groups)
+        return add_samples(self, encoded, results, samples, seed) if samples else results
 
     def score_encoded(self, encoded: Sequence[Encoded | InputError],
                       groups: Sequence[Any] | None = None) -> list[ScoreResult]:
@@ -161,8 +174,7 @@ class Engine:
     @torch.inference_mode()
     def forward_eager(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         hidden = self.model.backbone(batch)
-        h_gate = hidden[batch.gate_idx] if batch.gate_idx is not None else None
-        return self.model.head(hidden[batch.last_idx], h_gate)
+        return self.model.head.packed(hidden, batch.last_idx, batch.gate_idx)
 
     def run_batch(self, items: Sequence[Encoded]) -> dict[str, list]:
         outputs = self.forward(self.make_batch(items))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelSpec
+from .fused import PackedHead, Part
 from .gating import gate_probs
 
 
@@ -28,8 +29,14 @@ class ArmoGating(nn.Module):
             x = F.relu(layer(x))
         return gate_probs(self.layers[-1](x), self.temperature, self.logit_scale)
 
+    def logits_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """The gating logits u from the first layer's output (before its ReLU)."""
+        for layer in self.layers[1:]:
+            x = layer(F.relu(x))
+        return x
 
-class ArmoRMHead(nn.Module):
+
+class ArmoRMHead(PackedHead):
     needs_gate = True
     optional: dict[str, str] = {}
 
@@ -40,15 +47,17 @@ class ArmoRMHead(nn.Module):
         self.gating = ArmoGating(spec)
         self.reward_transform_matrix = nn.Parameter(torch.empty(n, n))
 
-    def forward(self, h: torch.Tensor, h_gate: torch.Tensor) -> dict[str, torch.Tensor]:
-        dt = self.regression_layer.weight.dtype
-        rewards = self.regression_layer(h.to(dt))
-        gates = self.gating(h_gate.to(dt))
-        tm = self.reward_transform_matrix
-        score = (gates * (rewards @ tm)).sum(dim=-1)
+    def first_stage(self) -> list[Part]:
+        return [Part("rewards", self.regression_layer, "last"), Part("gating", self.gating.layers[0], "gate")]
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        rewards = parts["rewards"]
+        u = self.gating.logits_from_first(parts["gating"])
+        gates, coefficients, score = self.ops.armo_combine(u, rewards, self.reward_transform_matrix,
+                                                           self.gating.temperature, self.gating.logit_scale)
         return {
             "score": score.float(),
             "rewards": rewards.float(),
             "gating": gates.float(),
-            "coefficients": (gates @ tm.T).float(),
+            "coefficients": coefficients.float(),
         }

@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 from ..config import ModelSpec
+from .fused import PackedHead, Part
 
 
-class BTHead(nn.Module):
+class BTHead(PackedHead):
     needs_gate = False
     optional: dict[str, str] = {}
 
@@ -15,8 +16,11 @@ class BTHead(nn.Module):
         super().__init__()
         self.score = nn.Linear(spec.hidden_size, spec.head.num_labels, bias=False)
 
-    def forward(self, h: torch.Tensor, h_gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        logits = self.score(h.to(self.score.weight.dtype)).float()
+    def first_stage(self) -> list[Part]:
+        return [Part("score", self.score, "last")]
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = parts["score"].float()
         if logits.shape[1] == 1:
             return {"score": logits[:, 0]}
         # Several labels: no single score is defined; return every logit.

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelSpec
+from .fused import PackedHead, Part
 
 
 class VHead(nn.Module):
@@ -27,7 +28,7 @@ class VHead(nn.Module):
         return self.summary(x)
 
 
-class GRMHead(nn.Module):
+class GRMHead(PackedHead):
     needs_gate = False
     optional: dict[str, str] = {}
 
@@ -35,6 +36,12 @@ class GRMHead(nn.Module):
         super().__init__()
         self.v_head = VHead(spec)
 
-    def forward(self, h: torch.Tensor, h_gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        dt = next(self.v_head.parameters()).dtype
-        return {"score": self.v_head(h.to(dt))[:, 0].float()}
+    def first_stage(self) -> list[Part]:
+        summary = self.v_head.summary
+        return [Part("v_head", summary if isinstance(summary, nn.Linear) else summary[0], "last")]
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x = parts["v_head"]
+        if isinstance(self.v_head.summary, nn.Sequential):   # the layers after the first
+            x = self.v_head.summary[1:](x)
+        return {"score": x[:, 0].float()}

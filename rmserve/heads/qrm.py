@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..config import ModelSpec
+from .fused import PackedHead, Part
 from .gating import gate_probs
 
 
@@ -30,7 +31,7 @@ class QRMGating(nn.Module):
         return gate_probs(self.layers(x), self.temperature, self.logit_scale)
 
 
-class QRMHead(nn.Module):
+class QRMHead(PackedHead):
     needs_gate = True
     # Spec: unconfirmed whether the published checkpoint stores the transform matrix; if it
     # does not, it is the identity. This is the one place that choice is made.
@@ -52,14 +53,14 @@ class QRMHead(nn.Module):
     def quantile_levels(self) -> torch.Tensor:
         return (torch.arange(self.num_quantiles, dtype=torch.float32) + 1) / (self.num_quantiles + 1)
 
-    def forward(self, h: torch.Tensor, h_gate: torch.Tensor) -> dict[str, torch.Tensor]:
-        dt = self.regression_layer.weight.dtype
-        quantiles = self.regression_layer(h.to(dt)).view(-1, self.num_objectives, self.num_quantiles)
-        gates = self.gating(h_gate.to(dt))
-        tm = self.reward_transform_matrix
-        rewards = quantiles.mean(dim=-1) @ tm
-        score = (gates * rewards).sum(dim=-1)
-        mixture = ((quantiles.transpose(1, 2) @ tm) * gates[:, None, :]).sum(dim=-1)
+    def first_stage(self) -> list[Part]:
+        return [Part("quantiles", self.regression_layer, "last"), Part("gating", self.gating.layers[0], "gate")]
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        quantiles = parts["quantiles"].reshape(-1, self.num_objectives, self.num_quantiles)
+        u = self.gating.layers[1:](parts["gating"])          # ReLU, BatchNorm, ..., the last Linear
+        gates, rewards, score, mixture = self.ops.qrm_combine(u, quantiles, self.reward_transform_matrix,
+                                                              self.gating.temperature, self.gating.logit_scale)
         return {
             "score": score.float(),
             "rewards": rewards.float(),

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ModelSpec
+from .fused import PackedHead, Part
 
 SPREAD_INTERPRETATIONS = ("log_variance", "log_std")
 SPREAD_IS = "log_variance"
@@ -36,7 +37,7 @@ class URMWeights(nn.Module):
         return self.fc(x)
 
 
-class URMHead(nn.Module):
+class URMHead(PackedHead):
     needs_gate = False
     optional: dict[str, str] = {}
 
@@ -46,10 +47,13 @@ class URMHead(nn.Module):
         self.weights = URMWeights(spec.hidden_size, spec.head.num_labels // 2)
         self.spread_is = spread_is
 
-    def forward(self, h: torch.Tensor, h_gate: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        s = self.score(h.to(self.score.weight.dtype)).float()
+    def first_stage(self) -> list[Part]:
+        return [Part("score", self.score, "last"), Part("weights", self.weights.fc[0], "last")]
+
+    def finish(self, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        s = parts["score"].float()
         means, spreads = s[:, 0::2], s[:, 1::2]
-        w = self.weights(h.to(self.weights.fc[0].weight.dtype)).float()
+        w = self.weights.fc[1:](parts["weights"]).float()     # SELU, fc2, SELU, fc4 in the MLP's dtype
         return {
             "score": (means * w).sum(dim=-1),
             "means": means,
