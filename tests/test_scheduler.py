@@ -1,0 +1,105 @@
+"""The stream scheduler: budgets respected, every sample exactly once, bounded look-ahead,
+similar lengths together; and Engine.score_stream over it: every input back once with its
+index, the same scores as Engine.score, errors in place."""
+import itertools
+
+import pytest
+import torch
+
+from rmserve import Engine
+from rmserve.packing import plan_batches
+from rmserve.scheduler import stream_batches
+
+from .helpers import random_conversation
+
+
+def random_lengths(rng, n):
+    # a long-tailed mix like real data, plus samples longer than the budget
+    return [min(int(rng.lognormvariate(5.0, 0.8)) + 1, 3000) for _ in range(n)]
+
+
+@pytest.mark.parametrize("lookahead", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("max_seqs", [None, 5])
+def test_budget_and_exactly_once(rng, lookahead, max_seqs):
+    for _ in range(5):
+        lengths = random_lengths(rng, rng.randint(0, 400))
+        budget = rng.choice([256, 1000, 2048])
+        batches = list(stream_batches(iter(range(len(lengths))), lengths.__getitem__, budget, max_seqs, lookahead))
+        seen = [i for b in batches for i in b]
+        assert sorted(seen) == list(range(len(lengths)))            # nothing lost, nothing twice
+        for b in batches:
+            assert b
+            tokens = sum(lengths[i] for i in b)
+            assert tokens <= budget or len(b) == 1                  # only a lone long sample exceeds it
+            assert max_seqs is None or len(b) <= max_seqs
+
+
+def test_lookahead_bounds_memory_and_waiting(rng):
+    """Samples are pulled lazily: while a batch is out, at most lookahead + one batch are held,
+    and no sample is emitted more than two windows after it was read."""
+    lengths = random_lengths(rng, 3000)
+    lookahead, budget = 50, 2048
+    read = []
+
+    def source():
+        for i in range(len(lengths)):
+            read.append(i)
+            yield i
+
+    emitted = 0
+    for batch in stream_batches(source(), lengths.__getitem__, budget, None, lookahead):
+        emitted += len(batch)
+        assert len(read) - emitted <= lookahead + budget          # held samples (each >= 1 token)
+        for i in batch:
+            assert len(read) - i <= 2 * lookahead + 1
+    assert emitted == len(lengths)
+
+
+def test_window_is_sorted_like_plan_batches(rng):
+    """With the look-ahead covering the stream, batches are exactly plan_batches' (longest first)."""
+    lengths = random_lengths(rng, 300)
+    got = list(stream_batches(range(300), lengths.__getitem__, 2048, None, lookahead=300))
+    assert got == plan_batches(lengths, 2048)
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError):
+        list(stream_batches([1], lambda s: 1, 0))
+    with pytest.raises(ValueError):
+        list(stream_batches([1], lambda s: 1, 10, lookahead=0))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_score_stream_matches_score(tiny_model, rng, threads):
+    engine = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", max_batch_tokens=300,
+                                    lookahead=9, tokenizer_threads=threads, share_prefix=False)
+    convs = [random_conversation(rng) for _ in range(45)]
+    bad = {3: [], 17: [{"role": "user", "content": "no answer"}], 30: "not a list"}
+    for i, conv in bad.items():
+        convs[i] = conv
+    convs[40] = list(engine.encode([convs[41]])[0].ids)       # pre-tokenized input too
+    want = engine.score(convs)
+    got = list(engine.score_stream(c for c in convs))          # a generator: read once, lazily
+    indices = [i for i, _ in got]
+    assert sorted(indices) == list(range(len(convs)))
+    results = dict(got)
+    for i, (a, b) in enumerate(zip((results[i] for i in range(len(convs))), want)):
+        if i in bad:
+            assert a.error == b.error and a.error
+            continue
+        assert a.ok and a.num_tokens == b.num_tokens
+        # other batch neighbours than score's: fp32 summation order only
+        assert a.score == pytest.approx(b.score, rel=1e-5, abs=1e-5)
+        torch.testing.assert_close(torch.tensor(a.gating), torch.tensor(b.gating), rtol=1e-5, atol=1e-5)
+
+
+def test_score_stream_is_lazy(tiny_model, rng):
+    """An endless input: results come while the input is still being read."""
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu", max_batch_tokens=400,
+                                    lookahead=16, share_prefix=False)
+    convs = [random_conversation(rng, max_turns=1, hi=8) for _ in range(8)]
+    endless = itertools.cycle(convs)
+    got = list(itertools.islice(engine.score_stream(endless), 40))
+    assert len({i for i, _ in got}) == 40 and all(r.ok for _, r in got)
+    for i, r in got:   # the same conversation scores the same (up to batch neighbours)
+        assert r.num_tokens == len(engine.encode([convs[i % 8]])[0])
