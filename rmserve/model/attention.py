@@ -42,19 +42,21 @@ def attention_ref(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> 
 
 
 def _torch_varlen() -> AttentionFn:
+    """PyTorch's varlen FlashAttention, whose signature moved between releases:
+    2.9/2.10 `is_causal=`; 2.11 keyword-only `scale=` and `window_size=(-1, 0)` for causal, K/V
+    handed straight to aten's FlashAttention, which does GQA natively (Hq a multiple of Hkv);
+    2.12+ the same plus a head-count check that `enable_gqa=True` lifts. K/V are never repeated.
+    Capturable in a CUDA graph: max_q/max_k are python ints and nothing reads cu_seqlens on the host."""
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    # torch 2.13 expresses causality as window_size=(-1, 0); older releases had is_causal.
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
-    gqa = "enable_gqa" in params
+    if "scale" not in params:
+        raise RuntimeError("this torch's varlen_attn takes no scale; the torch_varlen backend needs torch >= 2.10")
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
 
     def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-        if not gqa and k.shape[1] != q.shape[1]:
-            rep = q.shape[1] // k.shape[1]
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        extra = {"enable_gqa": True} if gqa else {}
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal, **extra)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal, **gqa)
 
     return fn
 
