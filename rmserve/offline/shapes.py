@@ -135,13 +135,14 @@ def _conversation(row: dict, cfg: ShapeConfig, answer: Any, what: str) -> Any:
 
 def make_row(cfg: ShapeConfig, index: int, raw: Any) -> Row | RowError:
     """cfg must be resolved (see `resolve`)."""
-    rid: Any = index
+    rid: Any = None if cfg.ids_from_column else index   # None: the row's id could not be read
     try:
         row = parse_raw(raw)
         if cfg.ids_from_column:
-            rid = _require(row, cfg.id_field)
-            if isinstance(rid, bool) or not isinstance(rid, (int, str)):
-                raise _Bad(f"id field '{cfg.id_field}' must be an integer or a string, got {rid!r}")
+            value = _require(row, cfg.id_field)
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise _Bad(f"id field '{cfg.id_field}' must be an integer or a string, got {value!r}")
+            rid = value
         if cfg.shape == "messages":
             samples = [_require(row, cfg.messages_field)]
         elif cfg.shape == "prompt_response":
