@@ -217,3 +217,16 @@ def test_plan_keeps_every_row_once(seed):
             assert sum(g.keys(lengths) for g in b) <= KEY_BUDGET_FACTOR * max_tokens
         if max_seqs is not None:
             assert sum(len(g.members) for g in b) <= max_seqs
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_plan_without_sharing_is_the_plain_plan(seed):
+    """When nothing shares, the batches are exactly packing.plan_batches' (the plain path unchanged)."""
+    from rmserve.packing import plan_batches
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 80))]
+    max_tokens, max_seqs = rng.randint(50, 1000), rng.choice([None, 1, 3, 8])
+    groups = [Group((i,)) for i in range(len(lengths))]
+    got = [[m for g in b for m in g.members] for b in plan(groups, lengths, max_tokens, max_seqs)]
+    assert got == plan_batches(lengths, max_tokens, max_seqs)
