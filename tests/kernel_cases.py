@@ -1,0 +1,168 @@
+"""Kernel-vs-reference cases shared by tests/test_kernels.py (CPU, Triton interpreter) and
+tests/gpu/test_kernels_cuda.py (CUDA). Each case draws fresh random inputs, poisons every output
+the kernel allocates with NaN before the launch, and checks the kernel against its `*_ref`:
+
+- same dtype: within TOL[dtype] of the PyTorch reference path;
+- bf16/fp16: the kernel's error against an fp32 oracle (the same math on the inputs upcast)
+  is at most twice the PyTorch path's error in that dtype (flash-attention's rule).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from rmserve.config import RopeSpec
+from rmserve.kernels import gate_combine, gather_project, rmsnorm, rope, silu_mul
+from rmserve.model.rope import inv_freq
+
+# Kernel vs the PyTorch path in the same dtype. fp32: only the summation order differs (a few
+# ulps of O(1) values). bf16 (8 significant bits, ulp 2^-8 = 3.9e-3 near 1) / fp16 (ulp 9.8e-4
+# near 1): the kernels round once where the PyTorch path rounds after every op, so they may
+# differ by about two ulps of O(1)-O(4) values.
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
+LOW = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every float tensor allocated with torch.empty / empty_like inside is filled with NaN, so an
+    element a kernel forgets to write shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: poison(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: poison(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def check(got, want, dtype, what=""):
+    assert not torch.isnan(got).any(), f"{what}: NaN in the kernel output (an element was not written)"
+    torch.testing.assert_close(got.float(), want.float(), **TOL[dtype], msg=lambda m: f"{what}: {m}")
+
+
+def check_2x(got, same_dtype, oracle, what=""):
+    """Kernel error against the fp32 oracle <= 2x the PyTorch same-dtype path's error."""
+    err_kernel = (got.float() - oracle).abs().max().item()
+    err_torch = (same_dtype.float() - oracle).abs().max().item()
+    assert err_kernel <= 2 * err_torch, f"{what}: kernel error {err_kernel:.3g} > 2 x PyTorch error {err_torch:.3g}"
+
+
+def randn(g, *shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------
+
+def case_rms_norm(g, T, H, dtype, device, residual: bool):
+    x = randn(g, T, H, dtype=dtype, device=device, scale=3.0)
+    r = randn(g, T, H, dtype=dtype, device=device, scale=3.0) if residual else None
+    w = (1 + randn(g, H, device=device, scale=0.3)).to(dtype)
+    eps = 1e-5
+    with poisoned_outputs():
+        got = rmsnorm.add_rms_norm(x, r, w, eps) if residual else (rmsnorm.rms_norm(x, w, eps), x)
+    want = rmsnorm.add_rms_norm_ref(x, r, w, eps) if residual else (rmsnorm.rms_norm_ref(x, w, eps), x)
+    check(got[0], want[0], dtype, "rms_norm")
+    assert torch.equal(got[1], want[1]), "residual sum differs from x + residual"
+    if dtype in LOW:
+        total = (r.float() + x.float()) if residual else x.float()
+        oracle = rmsnorm.rms_norm_ref(total, w.float(), eps)
+        check_2x(got[0], want[0], oracle, "rms_norm")
+
+
+def case_silu_mul(g, T, inter, dtype, device):
+    x = randn(g, T, 2 * inter, dtype=dtype, device=device, scale=2.0)
+    with poisoned_outputs():
+        got = silu_mul.silu_mul(x)
+    want = silu_mul.silu_mul_ref(x)
+    check(got, want, dtype, "silu_mul")
+    if dtype in LOW:
+        check_2x(got, want, silu_mul.silu_mul_ref(x.float()), "silu_mul")
+
+
+def case_rope(g, T, n_q, n_kv, head_dim, dtype, device, llama3: bool, max_pos: int):
+    spec = RopeSpec(theta=500000.0, llama3_factor=8.0 if llama3 else None)
+    inv = inv_freq(spec, head_dim).to(device)
+    pos = torch.randint(0, max_pos, (T,), generator=g).to(device)
+    pos[0] = 0
+    width = (n_q + 2 * n_kv) * head_dim
+    qkv = randn(g, T, width, dtype=dtype, device=device)
+
+    def split(t):
+        q, k, v = t.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+        return q.view(T, n_q, head_dim), k.view(T, n_kv, head_dim), v
+
+    got, want, oracle = qkv.clone(), qkv.clone(), qkv.float()
+    rope.rope(*split(got)[:2], pos, inv)
+    rope.rope_ref(*split(want)[:2], pos, inv)
+    rope.rope_ref(*split(oracle)[:2], pos, inv)
+    assert torch.equal(split(got)[2], split(qkv)[2]), "rope wrote into v"
+    check(got, want, dtype, "rope")
+    if dtype in LOW:
+        check_2x(got, want, oracle, "rope")
+
+
+def case_gather_project(g, T, H, B, rows, w_dtype, h_dtype, device, bias: bool):
+    hidden = randn(g, T, H, dtype=h_dtype, device=device)
+    N = sum(rows)
+    weight = randn(g, N, H, dtype=w_dtype, device=device, scale=H ** -0.5)
+    b = randn(g, N, device=device) if bias else None
+    indices = []
+    for _ in rows:
+        idx = torch.randint(0, T, (B,), generator=g)
+        idx[0], idx[-1] = T - 1, 0              # the tensor's edges
+        indices.append(idx.to(device))
+    with poisoned_outputs():
+        got = gather_project.gather_project(hidden, indices, weight, b, rows)
+    oracle = gather_project.gather_project_ref(hidden, indices, weight, b, rows)   # fp32 math, same cast points
+    assert got.dtype == torch.float32 and got.shape == (B, N)
+    check(got, oracle, torch.float32, "gather_project")
+    if w_dtype in LOW:   # the PyTorch head path: F.linear in the weight dtype, output rounded to it
+        start, outs = 0, []
+        for idx, n in zip(indices, rows):
+            bb = None if b is None else b[start:start + n].to(w_dtype)
+            outs.append(F.linear(hidden[idx].to(w_dtype), weight[start:start + n], bb))
+            start += n
+        check_2x(got, torch.cat(outs, dim=1), oracle, "gather_project")
+
+
+def case_armo_combine(g, B, N, dtype, device):
+    u = randn(g, B, N, dtype=dtype, device=device, scale=5.0)
+    r = randn(g, B, N, dtype=dtype, device=device)
+    tm = randn(g, N, N, dtype=dtype, device=device, scale=N ** -0.5)
+    scale = (torch.rand(1, generator=g) * 4 + 0.5).to(dtype).to(device)
+    with poisoned_outputs():
+        got = gate_combine.armo_combine(u, r, tm, 10.0, scale)
+    want = gate_combine.armo_combine_ref(u, r, tm, 10.0, scale)
+    oracle = gate_combine.armo_combine_ref(u.float(), r.float(), tm.float(), 10.0, scale.float())
+    for name, a, b, o in zip(("gates", "coefficients", "score"), got, want, oracle):
+        assert a.dtype == torch.float32
+        check(a, o if dtype in LOW else b, torch.float32 if dtype in LOW else dtype, f"armo_combine {name}")
+        if dtype in LOW:
+            check_2x(a, b, o, f"armo_combine {name}")
+
+
+def case_qrm_combine(g, B, N, Q, dtype, device):
+    u = randn(g, B, N, dtype=dtype, device=device, scale=5.0)
+    R = randn(g, B, N, Q, dtype=dtype, device=device)
+    tm = randn(g, N, N, dtype=dtype, device=device, scale=N ** -0.5)
+    scale = (torch.rand(1, generator=g) * 4 + 0.5).to(dtype).to(device)
+    with poisoned_outputs():
+        got = gate_combine.qrm_combine(u, R, tm, 5.0, scale)
+    want = gate_combine.qrm_combine_ref(u, R, tm, 5.0, scale)
+    oracle = gate_combine.qrm_combine_ref(u.float(), R.float(), tm.float(), 5.0, scale.float())
+    for name, a, b, o in zip(("gates", "rewards", "score", "reward_quantiles"), got, want, oracle):
+        assert a.dtype == torch.float32
+        check(a, o if dtype in LOW else b, torch.float32 if dtype in LOW else dtype, f"qrm_combine {name}")
+        if dtype in LOW:
+            check_2x(a, b, o, f"qrm_combine {name}")
