@@ -1,0 +1,168 @@
+"""Throughput: rmserve (packed, Engine.score_stream) against transformers'
+AutoModelForSequenceClassification (LlamaForSequenceClassification, sdpa) with padded batches of
+8/16/32 in input order and sorted by length, on the same samples and the same weights.
+
+    python bench/throughput.py                                  # CPU: small shape, 256 rows, fp32
+    python bench/throughput.py --device cuda --shape 8b         # GPU: Llama-3.1-8B shape, bf16
+
+Per row: useful tokens/s (the samples' own tokens; padding is not counted), samples/s, the share
+of computed tokens that are useful, MFU (model FLOPs of the useful tokens per second over the
+matmul peak measured in the same run), peak GPU memory, and the largest score difference from
+rmserve's (transformers scores the same backbone; for ArmoRM it gets a BT head, there is no
+ArmoRM class in transformers, so the difference is not reported). The weights are random (the
+work is real, the scores meaningless). Prints a table; --json writes it with the environment.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+
+import torch
+
+import rmbench
+
+
+def run_rmserve(engine, samples, device):
+    rmbench.sync(device)
+    t0 = time.perf_counter()
+    scores = rmbench.rmserve_score(engine, samples)
+    rmbench.sync(device)
+    return scores, time.perf_counter() - t0
+
+
+def run_hf(hf, samples, batch_size, order, device):
+    rmbench.sync(device)
+    t0 = time.perf_counter()
+    scores, padded = rmbench.hf_score(hf, samples, batch_size, order, device)
+    rmbench.sync(device)
+    return scores, padded, time.perf_counter() - t0
+
+
+def row(name, family, seconds, work, computed, peak, cfg, mem=None, diff=None):
+    useful = work.tokens
+    flops = sum(rmbench.flops_per_sample(cfg, len(s)) for s in work.samples)
+    return {"system": name, "head": family, "seconds": round(seconds, 3),
+            "tokens_per_s": round(useful / seconds, 1), "samples_per_s": round(len(work.samples) / seconds, 2),
+            "useful_fraction": round(useful / computed, 3), "tflops": round(flops / seconds / 1e12, 3),
+            "mfu": round(flops / seconds / peak, 4), "peak_mem_gib": mem,
+            "max_score_diff": None if diff is None else float(f"{diff:.3g}")}
+
+
+def peak_mem(device):
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None
+
+
+def reset_mem(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def print_table(rows, base):
+    print(f"{'system':<34}{'head':<8}{'tokens/s':>11}{'samples/s':>11}{'useful':>8}{'MFU':>8}"
+          f"{'mem GiB':>9}{'vs best HF':>11}{'max diff':>10}")
+    for r in rows:
+        ratio = r["tokens_per_s"] / base if base else float("nan")
+        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+        diff = "-" if r["max_score_diff"] is None else f"{r['max_score_diff']:.2g}"
+        print(f"{r['system']:<34}{r['head']:<8}{r['tokens_per_s']:>11.0f}{r['samples_per_s']:>11.1f}"
+              f"{r['useful_fraction']:>8.2f}{100 * r['mfu']:>7.1f}%{mem:>9}{ratio:>10.2f}x{diff:>10}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--shape", choices=sorted(rmbench.SHAPES), default=None, help="default: 8b on cuda, small on cpu")
+    ap.add_argument("--layers", type=int, default=None, help="override the shape's layer count")
+    ap.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
+    ap.add_argument("--families", default="bt,armorm")
+    ap.add_argument("--rows", type=int, default=None, help="samples (a seeded subset); default 1000 cuda, 256 cpu")
+    ap.add_argument("--batch-sizes", default="8,16,32")
+    ap.add_argument("--orders", default="input,sorted")
+    ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
+                    help="also transformers one sample at a time (no padding); default on for cpu")
+    ap.add_argument("--eager", action="store_true", help="also rmserve with enforce_eager=True (cuda)")
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    cuda = args.device.startswith("cuda")
+    shape = args.shape or ("8b" if cuda else "small")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    n = args.rows or (1000 if cuda else 256)
+    naive = (not cuda) if args.naive is None else args.naive
+    families = args.families.split(",")
+    sizes = [int(b) for b in args.batch_sizes.split(",") if b]
+    orders = [o for o in args.orders.split(",") if o]
+
+    peak = rmbench.matmul_peak(args.device, dtype)
+    tokenizer = rmbench.load_tokenizer() or rmbench.fallback_tokenizer()
+    print(f"matmul peak {peak / 1e12:.2f} TFLOP/s ({dtype}, {args.device})", file=sys.stderr)
+    rows, work, hf_done = [], None, False
+    meta = {}
+    for family in families:
+        cfg = rmbench.llama_config(shape, family, args.layers)
+        model = rmbench.random_model(cfg, args.device, dtype)
+        t0 = time.perf_counter()
+        engine = rmbench.make_engine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, share_prefix=False)
+        setup = time.perf_counter() - t0
+        if work is None:
+            work = rmbench.workload(n, gating=engine.preprocessor.gating_pattern)
+            print(f"workload: {work.source}: {len(work.samples)} samples, {work.tokens} tokens", file=sys.stderr)
+        meta[family] = {"engine_setup_s": round(setup, 2), "max_batch_tokens": engine.config.max_batch_tokens,
+                        "attention": engine.attention, "kernels": engine.config.kernels,
+                        "graphs": None if engine.graphs is None else len(engine.graphs.buckets)}
+        rmbench.rmserve_score(engine, work.samples[:64])                  # warm-up
+        reset_mem(args.device)
+        ours, seconds = run_rmserve(engine, work.samples, args.device)
+        rows.append(row("rmserve packed", family, seconds, work, work.tokens, peak, cfg, peak_mem(args.device)))
+        print_table(rows[-1:], 0)
+        if args.eager and cuda:
+            eager = rmbench.make_engine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, share_prefix=False,
+                                        enforce_eager=True)
+            reset_mem(args.device)
+            _, seconds = run_rmserve(eager, work.samples, args.device)
+            rows.append(row("rmserve packed, eager", family, seconds, work, work.tokens, peak, cfg,
+                            peak_mem(args.device)))
+            del eager
+        del engine
+        gc.collect()
+        if not hf_done:   # transformers gets a BT head whatever the family: run it once
+            hf = rmbench.hf_model(model, cfg)
+            rmbench.hf_score(hf, work.samples[:16], 8, "input", args.device)   # warm-up
+            configs = [(b, o) for b in sizes for o in orders] + ([(1, "input")] if naive else [])
+            for b, o in configs:
+                reset_mem(args.device)
+                theirs, padded, seconds = run_hf(hf, work.samples, b, o, args.device)
+                diff = max(abs(a - c) for a, c in zip(ours, theirs)) if family == "bt" else None
+                name = "transformers, one at a time" if b == 1 else f"transformers padded b{b}, {o}"
+                rows.append(row(name, "bt", seconds, work, padded, peak, cfg, peak_mem(args.device), diff))
+                print_table(rows[-1:], 0)
+            del hf
+            hf_done = True
+        del model
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    hf_rows = [r for r in rows if r["system"].startswith("transformers padded")]
+    best = max((r["tokens_per_s"] for r in hf_rows), default=0)
+    print()
+    print_table(rows, best)
+    env = rmbench.environment(args.device)
+    print(f"\n{env['device']}, {env['date']}, commit {env['commit']}, torch {env['torch']}, "
+          f"transformers {env['transformers']}; shape {shape}"
+          f"{'' if args.layers is None else f' ({args.layers} layers)'}, {dtype}; {work.source}; "
+          f"matmul peak {peak / 1e12:.2f} TFLOP/s; 'vs best HF': tokens/s over the best padded transformers row")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"env": env, "shape": shape, "layers": args.layers, "dtype": str(dtype),
+                       "workload": work.source, "samples": len(work.samples), "tokens": work.tokens,
+                       "matmul_peak_tflops": round(peak / 1e12, 3), "engines": meta, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
