@@ -24,7 +24,8 @@ def _score(args: argparse.Namespace) -> int:
                               max_batch_tokens=args.max_batch_tokens, max_batch_seqs=args.max_batch_seqs,
                               bos=args.bos, max_length=args.max_length)
         config = JobConfig(args.input, args.output, args.model, format=args.format, split=args.split,
-                           shape=shape, engine=engine, part_rows=args.part_rows, quiet=args.quiet,
+                           shape=shape, engine=engine, part_rows=args.part_rows, samples=args.samples,
+                           seed=args.seed, quiet=args.quiet,
                            overwrite=args.overwrite)
         if args.ray is None:
             summary = run_job(config)
@@ -70,6 +71,8 @@ def _add_score(sub) -> None:
     e.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
     j = s.add_argument_group("job")
     j.add_argument("--part-rows", type=int, default=2048, help="input rows per committed part")
+    j.add_argument("--samples", type=int, default=0, help="URM/QRM: draws per sample (samples, score_samples)")
+    j.add_argument("--seed", type=int, default=0, help="seed of the draws")
     j.add_argument("--quiet", action="store_true", help="no progress bar or notes")
     j.add_argument("--overwrite", action="store_true", help="discard a previous job's parts and output")
     r = s.add_argument_group("ray")

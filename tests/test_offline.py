@@ -253,3 +253,18 @@ def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng):
         _job(inp, out, model, part_rows=3)
     with pytest.raises(SourceError, match="unknown input type"):
         _job(shutil.copy(inp, tmp_path / "in.txt"), tmp_path / "o2.parquet", model)
+
+
+def test_samples_when_asked(tmp_path, tiny_model, rng):
+    model = tiny_model("urm")
+    convs = [random_conversation(rng) for _ in range(5)]
+    s = _job(write_jsonl(tmp_path / "in.jsonl", [{"messages": c} for c in convs]), tmp_path / "o.parquet", model,
+             samples=4, seed=7, part_rows=2)
+    df = pd.read_parquet(tmp_path / "o.parquet")
+    expect = _engine(model).score(convs, samples=4, seed=7)   # draws depend on the seed and tokens only
+    assert s["errors"] == 0
+    for (_, o), e in zip(df.iterrows(), expect):
+        assert [list(x) for x in o["samples"]] == [pytest.approx(x, rel=RTOL, abs=RTOL) for x in e.samples]
+        assert list(o["score_samples"]) == pytest.approx(e.score_samples, rel=RTOL, abs=RTOL)
+    with pytest.raises(ValueError, match="only distributional heads"):
+        _job(tmp_path / "in.jsonl", tmp_path / "o2.parquet", tiny_model("bt"), samples=2)

@@ -4,15 +4,18 @@
     summary = run_job(JobConfig("data.jsonl.gz", "scores.parquet", "RLHFlow/ArmoRM-Llama3-8B-v0.1"))
 
 Parts are fixed row ranges (`part_rows` rows each), so a rerun cuts the input the same way; each
-part is also the reordering window of length packing (the engine packs its samples by length).
-Memory stays bounded by one part whatever the input size.
+part is also the reordering window of length packing (the engine packs its samples by length) and
+of shared-prefix scoring. A tokenizer thread encodes the next part while the engine scores this
+one, so memory stays bounded by two parts whatever the input size.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
@@ -37,6 +40,8 @@ class JobConfig:
     shape: ShapeConfig = field(default_factory=ShapeConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     part_rows: int = 2048                        # input rows per committed part (and packing window)
+    samples: int = 0                             # URM/QRM: draws per sample into samples/score_samples
+    seed: int = 0                                # the draws' seed (same seed, same draws)
     quiet: bool = False                          # no progress bar or notes
     overwrite: bool = False                      # discard a previous job's parts and output
 
@@ -99,9 +104,13 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
     shape = resolve(config.shape, _first_object(source))
     mdir = model_path(config.model)
     spec = load_spec(mdir)
+    from ..sampling import check_sampling
+
+    check_sampling(spec.family, config.samples, config.seed)
     key = {"input": fingerprint, "rows": num_rows, "model": config.model, "model_files": model_identity(mdir),
            "engine": asdict(config.engine), "shape": asdict(shape), "part_rows": config.part_rows,
-           "format": fmt, "runner": runner}
+           "samples": [config.samples, config.seed], "format": fmt, "runner": runner}
+    key = json.loads(json.dumps(key, default=str))   # as the manifest stores it (tuples -> lists)
     info = {"input": config.input, "family": spec.family, "names": list(spec.head.names)}
     store = PartStore(config.output, fmt)
     prep = Prepared(config, source, shape, store, key, info, num_rows, {}, mdir)
@@ -210,17 +219,29 @@ def run_job(config: JobConfig) -> dict:
     start, before = time.perf_counter(), prep.store.manifest["seconds"]
     bar = progress(prep, config.quiet)
     tokens = 0
+    parts = part_rows(prep)
+
+    def encode_next():   # runs on the tokenizer thread: one part ahead of the device
+        nxt = next(parts, None)
+        if nxt is None:
+            return None
+        k, first, raws = nxt
+        return k, first, len(raws), encode_rows(engine.encode, [make_row(prep.shape, first + j, raw)
+                                                               for j, raw in enumerate(raws)])
+
     try:
-        for k, first, raws in part_rows(prep):
-            items = [make_row(prep.shape, first + j, raw) for j, raw in enumerate(raws)]
-            enc = encode_rows(engine.encode, items)
-            results = score_samples(engine, enc.encoded, enc.groups)
-            out = build_outputs(prep.shape, enc, results, first, len(raws))
-            prep.store.write_part(k, out.records, out.errors)
-            prep.store.commit(k, out.stats, before + time.perf_counter() - start)
-            tokens += out.stats["tokens"]
-            bar.update(len(raws))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+        with ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize") as pool:
+            ahead = pool.submit(encode_next)
+            while (got := ahead.result()) is not None:
+                ahead = pool.submit(encode_next)
+                k, first, n, enc = got
+                results = score_samples(engine, enc.encoded, enc.groups, config.samples, config.seed)
+                out = build_outputs(prep.shape, enc, results, first, n)
+                prep.store.write_part(k, out.records, out.errors)
+                prep.store.commit(k, out.stats, before + time.perf_counter() - start)
+                tokens += out.stats["tokens"]
+                bar.update(n)
+                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
     finally:
         bar.close()
     return finish(prep, before + time.perf_counter() - start)

@@ -63,7 +63,7 @@ class _ScoreActor:
     """One engine per actor; scores whole parts and writes their files."""
 
     def __init__(self, model: str, engine_settings: tuple, shape: ShapeConfig, output: str, fmt: str,
-                 threads: int):
+                 threads: int, samples: int, seed: int):
         import torch
 
         from ..engine import Engine
@@ -71,7 +71,7 @@ class _ScoreActor:
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = Engine.from_pretrained(model_path(model), **dict(engine_settings))
-        self.shape = shape
+        self.shape, self.samples, self.seed = shape, samples, seed
         self.store = PartStore(output, fmt)
 
     def __call__(self, batch: dict) -> dict:
@@ -81,7 +81,7 @@ class _ScoreActor:
         for k, blob in zip(batch["part"], batch["payload"]):
             first, n, enc = pickle.loads(blob)
             enc: Encoding
-            results = score_samples(self.engine, enc.encoded, enc.groups)
+            results = score_samples(self.engine, enc.encoded, enc.groups, self.samples, self.seed)
             out = build_outputs(self.shape, enc, results, first, n)
             self.store.write_part(int(k), out.records, out.errors)
             stats.append(json.dumps(out.stats))
@@ -133,7 +133,8 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
                                 compute=ray.data.ActorPoolStrategy(size=actors),
                                 num_cpus=actor_cpus, num_gpus=actor_gpus,
                                 fn_constructor_kwargs={**common, "output": config.output, "fmt": prep.store.fmt,
-                                                       "threads": max(1, int(actor_cpus))})
+                                                       "threads": max(1, int(actor_cpus)),
+                                                       "samples": config.samples, "seed": config.seed})
             for row in ds.iter_rows():
                 k, stats = int(row["part"]), json.loads(row["stats"])
                 prep.store.commit(k, stats, before + time.perf_counter() - start)

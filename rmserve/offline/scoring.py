@@ -35,13 +35,19 @@ def encode_rows(encode: Callable[[Sequence[Any]], list], items: Sequence[Row | R
     return Encoding(rows, encode(convs) if convs else [], groups, bad)
 
 
-def score_samples(engine, encoded: Sequence[Encoded | InputError], groups: Sequence[Any]) -> list[ScoreResult]:
-    """The job's one call into the engine. `groups[i]` is the key of the prompt sample i shares with
-    others (pair id, prompt id): samples are given grouped, in input order. The keys go to the
-    engine's shared-prefix scoring (rmserve/prefix.py) when some key is shared; when every key is
-    distinct (one answer per row, no group field) the engine finds shared prompts by itself."""
-    shared = len(set(groups)) < len(groups)
-    return engine.score_encoded(encoded, groups if shared else None)
+def score_samples(engine, encoded: Sequence[Encoded | InputError], groups: Sequence[Any], samples: int = 0,
+                  seed: int = 0) -> list[ScoreResult]:
+    """The job's one call into the engine, as Engine.score makes it. `groups[i]` is the key of the
+    prompt sample i shares with others (pair, multi row, group column; None: a lone sample). The keys
+    go to the engine's shared-prefix scoring (rmserve/prefix.py) when some key is shared; when none
+    is (one answer per row, no group field) the engine finds shared prompts by itself.
+    samples, seed: URM/QRM draws (rmserve/sampling.py), as Engine.score(samples=, seed=)."""
+    from ..sampling import add_samples
+
+    keys = [g for g in groups if g is not None]
+    shared = len(set(keys)) < len(keys)
+    results = engine.score_encoded(encoded, groups if shared else None)
+    return add_samples(engine, encoded, results, samples, seed) if samples else results
 
 
 def result_fields(res: ScoreResult) -> dict[str, Any]:

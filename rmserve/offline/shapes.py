@@ -11,8 +11,9 @@
 form a best-of-N group and get their rank within it. The id is the `id_field` column when the
 first row has it (then every row must), else the row number.
 
-Every row also carries its `group`: the key of the prompt its samples share (the pair's or
-multi row's id, or the group column), so a shared-prefix scorer can use it.
+Every row also carries its `group`: the key of the prompt its samples share (a pair's or multi
+row's row number, or the group column; None for a lone sample), which the engine's shared-prefix
+scoring uses.
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ class Row:
     index: int                  # row number in the input
     id: Any
     samples: list               # conversations (message lists) to score
-    group: Any = None           # the key of the prompt these samples share
+    group: Any = None           # the key of the prompt these samples share (None: none known)
     keep: dict = field(default_factory=dict)
 
 
@@ -155,7 +156,7 @@ def make_row(cfg: ShapeConfig, index: int, raw: Any) -> Row | RowError:
             if not isinstance(responses, (list, tuple)) or not responses:
                 raise _Bad(f"field '{cfg.responses_field}' must be a non-empty list of responses")
             samples = [_conversation(row, cfg, r, f"{cfg.responses_field}[{i}]") for i, r in enumerate(responses)]
-        group = rid
+        group = index if cfg.shape in ("pair", "multi") else None   # None: no known shared prompt
         if cfg.group_field:
             group = _require(row, cfg.group_field)
             if isinstance(group, bool) or not isinstance(group, (int, str)):
