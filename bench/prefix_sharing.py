@@ -6,7 +6,8 @@ N(P+R) / (P+NR) prediction, on real pair and best-of-N workloads.
 
 Data (see ../shared/data/README.md): HH-RLHF harmless pairs (chosen and rejected share the
 dialogue before the last answer) and AlpacaEval best-of-15 (15 answers per instruction),
-rendered with the Llama 3 tokenizer and chat template. The model is random (scores are
+rendered with the Llama 3 tokenizer and chat template; and a synthetic set of token ids with
+long prompts (default 1,000-token prompts with 8 answers of 300, predicted 3x). The model is random (scores are
 meaningless; the work is real): a checkpoint written by rmserve.tiny with the real tokenizer
 files copied in and vocab_size set to fit them.
 
@@ -96,6 +97,23 @@ def alpaca_bon(limit: int):
     return convs, keys
 
 
+def synthetic(engine: Engine, groups: int, prompt: int, answers: int, answer: int, seed: int = 0):
+    """Token-id samples: `groups` prompts of `prompt` tokens (ending with the gating pattern), each
+    with `answers` random answers of `answer` tokens: the issue's 1,000-token, 8 x 300 example."""
+    import random
+
+    rng = random.Random(seed)
+    pre = engine.preprocessor
+    tail = list(pre.gating_pattern) if pre.gating_pattern else []
+    convs, keys = [], []
+    for gi in range(groups):
+        p = [pre.bos_id] + [rng.randrange(128000) for _ in range(prompt - 1 - len(tail))] + tail
+        for _ in range(answers):
+            convs.append(p + [rng.randrange(128000) for _ in range(answer)])
+            keys.append(gi)
+    return convs, keys
+
+
 def prediction(encoded: list[Encoded], keys: list) -> dict:
     """N(P+R)/(P+NR) from the set's means, and the ideal ratio summed over groups (no budget)."""
     seqs = [e.ids for e in encoded]
@@ -134,6 +152,8 @@ def main() -> None:
     ap.add_argument("--family", default="armorm")
     ap.add_argument("--pairs", type=int, default=300, help="HH-RLHF pairs to score (of 2,312)")
     ap.add_argument("--prompts", type=int, default=25, help="AlpacaEval instructions to score, 15 answers each (of 805)")
+    ap.add_argument("--sets", default="hh,alpaca,synthetic", help="comma-separated: hh, alpaca, synthetic")
+    ap.add_argument("--synthetic", default="4,1000,8,300", help="groups,prompt,answers,answer tokens")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
@@ -159,8 +179,14 @@ def main() -> None:
         device = torch.cuda.get_device_name() if plain.device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
         print(f"model: {args.family}, {args.layers} layers, hidden {args.hidden}, {plain.dtype}, {device}, "
               f"attention {plain.attention}, budget {args.max_batch_tokens} tokens")
-        for name, (convs, keys) in (("hh_rlhf_pairs", hh_pairs(args.pairs)),
-                                    ("alpaca_eval_bo15", alpaca_bon(args.prompts))):
+        sets = {
+            "hh": lambda: ("hh_rlhf_pairs", hh_pairs(args.pairs)),
+            "alpaca": lambda: ("alpaca_eval_bo15", alpaca_bon(args.prompts)),
+            "synthetic": lambda: ("synthetic_" + args.synthetic.replace(",", "_"),
+                                  synthetic(plain, *map(int, args.synthetic.split(",")))),
+        }
+        for key in args.sets.split(","):
+            name, (convs, keys) = sets[key]()
             encoded = plain.encode(convs)
             ok = [i for i, e in enumerate(encoded) if isinstance(e, Encoded)]
             convs, keys, encoded = [convs[i] for i in ok], [keys[i] for i in ok], [encoded[i] for i in ok]
