@@ -19,15 +19,21 @@ def read_jsonl(path) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def _env(env):
+    # One torch thread per job process: on a busy 2-core CI machine OpenMP threads spinning
+    # against other processes make a tiny model 10x slower.
+    return dict(os.environ, **{"OMP_NUM_THREADS": "1", **(env or {})})
+
+
 def cli(*args, env=None, cwd=REPO, timeout=300) -> subprocess.CompletedProcess:
     """`rmserve ...` as a subprocess (the installed entry point's module)."""
-    full_env = dict(os.environ, **(env or {}))
+    full_env = _env(env)
     return subprocess.run([sys.executable, "-m", "rmserve.cli", *map(str, args)], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
 
 
 def popen(*args, env=None, cwd=REPO) -> subprocess.Popen:
-    full_env = dict(os.environ, **(env or {}))
+    full_env = _env(env)
     return subprocess.Popen([sys.executable, "-m", "rmserve.cli", *map(str, args)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, env=full_env, cwd=cwd)
 

@@ -32,7 +32,7 @@ def test_sigkill_and_resume_equals_unbroken(tmp_path, tiny_model, rng):
     out = tmp_path / "killed.parquet"
     kills, mid_job = 0, 0
     total_parts = -(-ROWS // PART_ROWS)
-    while kills < 5:
+    while kills < 4:
         proc = popen(*_args(inp, out, model))
         before = max(0, committed_parts(out))
         deadline = time.monotonic() + 120

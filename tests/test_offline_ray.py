@@ -1,0 +1,67 @@
+"""The offline job on a real local Ray (2 CPUs, 2 engine actors) gives the single-process output,
+and resumes a job whose first parts were already committed."""
+import json
+from dataclasses import asdict
+
+import pandas as pd
+import pytest
+
+from rmserve import Engine, EngineConfig
+from rmserve.offline import JobConfig, ShapeConfig
+from rmserve.offline.job import part_rows, prepare
+from rmserve.offline.scoring import build_outputs, encode_rows, score_samples
+from rmserve.offline.shapes import make_row
+
+from .helpers import random_conversation, random_text
+from .offline_helpers import cli, read_jsonl, write_jsonl
+
+pytest.importorskip("ray")
+
+# Ray actors run one torch thread, the single-process job here too (OMP_NUM_THREADS=1 in cli);
+# the in-process engine below may use more, and fp32 CPU matmuls can differ in the last bits
+# with the thread split, so values agree to fp32 rounding of a few ops.
+RTOL = 1e-5
+ENGINE = EngineConfig(dtype="float32", device="cpu", max_batch_tokens=256)
+ROWS, PART_ROWS = 300, 50
+
+
+def test_ray_job_matches_single_process_and_resumes(tmp_path, tiny_model, rng):
+    model = tiny_model("armorm", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    rows = []
+    for i in range(ROWS):
+        ctx = random_conversation(rng, max_turns=1, hi=6)[:-1]
+        rows.append({"pair_id": i, "chosen": ctx + [{"role": "assistant", "content": random_text(rng, 1, 6)}],
+                     "rejected": ctx + [{"role": "assistant", "content": random_text(rng, 1, 6)}]}
+                    if i % 41 else {"pair_id": i, "chosen": ctx})   # a few bad rows
+    inp = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    args = ("--model", model, "--part-rows", PART_ROWS, "--dtype", "float32", "--device", "cpu",
+            "--max-batch-tokens", 256, "--id-field", "pair_id", "--shape", "pair", "--quiet")
+
+    local = tmp_path / "local.parquet"
+    r = cli("score", inp, "--output", local, *args)
+    assert r.returncode == 3, r.stderr
+
+    # An interrupted Ray job: parts 0 and 2 already committed (scored here, as an actor would).
+    out = tmp_path / "ray.parquet"
+    config = JobConfig(inp, str(out), model, engine=ENGINE, part_rows=PART_ROWS,
+                       shape=ShapeConfig(shape="pair", id_field="pair_id"))
+    prep = prepare(config, "ray")
+    engine = Engine.from_pretrained(model, **asdict(ENGINE))
+    for k, first, raws in part_rows(prep):
+        if k in (0, 2):
+            enc = encode_rows(engine.encode, [make_row(prep.shape, first + j, x) for j, x in enumerate(raws)])
+            o = build_outputs(prep.shape, enc, score_samples(engine, enc.encoded, enc.groups), first, len(raws))
+            prep.store.write_part(k, o.records, o.errors)
+            prep.store.commit(k, o.stats, 1.0)
+
+    r = cli("score", inp, "--output", out, *args, "--ray", "--actors", 2, "--actor-cpus", 0.5, timeout=400)
+    assert r.returncode == 3, r.stderr
+    a, b = pd.read_parquet(local), pd.read_parquet(out)
+    assert a["id"].tolist() == b["id"].tolist() == [i for i in range(ROWS) if i % 41]
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=RTOL, atol=RTOL)
+    assert read_jsonl(str(local) + ".errors.jsonl") == read_jsonl(str(out) + ".errors.jsonl")
+    sa = json.loads(open(str(local) + ".summary.json").read())
+    sb = json.loads(open(str(out) + ".summary.json").read())
+    for key in ("rows", "scored", "errors", "tokens", "pairs"):
+        assert sa[key] == sb[key], key
+    assert sb["errors"] == len(range(0, ROWS, 41)) and sb["pair_accuracy"] == pytest.approx(sa["pair_accuracy"])
