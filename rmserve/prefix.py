@@ -15,7 +15,11 @@ How a batch is laid out (one packed forward, no host loop per layer):
              prefix A -> prefix A;  suffix A1 -> [prefix A ; suffix A1];  plain -> itself
 
 The attention backends align the causal mask bottom-right when a segment has more keys than
-queries, which is exactly "the suffix sees the whole prefix and its own past".
+queries, which is exactly "the suffix sees the whole prefix and its own past": the reference
+backend builds that mask; flash-attn's varlen causal is bottom-right (since 2.1); PyTorch's
+varlen_attn (2.10's is_causal, 2.11+/2.13's window_size=(-1, 0)) calls aten's
+_flash_attention_forward, the same kernel family, whose causal is bottom-right too
+(tests/gpu/test_prefix_cuda.py checks each backend against the reference).
 ArmoRM/QRM gate on a token of the prompt: gate_idx points into the prefix's hidden rows, so
 the gating input is computed once per prompt and read by every answer.
 
@@ -265,6 +269,8 @@ def score_shared(engine, encoded: Sequence[Encoded | InputError],
                  groups: Sequence[Hashable | None] | None = None) -> list[ScoreResult]:
     """Engine.score_encoded with shared prefixes. Batches where no group shares take the
     engine's plain path unchanged."""
+    if engine.config.share_min_tokens < 1:
+        raise ValueError(f"share_min_tokens must be at least 1, got {engine.config.share_min_tokens}")
     if groups is not None and len(groups) != len(encoded):
         raise ValueError(f"groups= needs one key per sample: {len(groups)} keys for {len(encoded)} samples")
     results: list[ScoreResult | None] = [None] * len(encoded)
