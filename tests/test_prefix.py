@@ -230,3 +230,15 @@ def test_plan_without_sharing_is_the_plain_plan(seed):
     groups = [Group((i,)) for i in range(len(lengths))]
     got = [[m for g in b for m in g.members] for b in plan(groups, lengths, max_tokens, max_seqs)]
     assert got == plan_batches(lengths, max_tokens, max_seqs)
+
+
+def test_sharing_with_triton_kernels(tiny_model, rng):
+    """The kernel path (RoPE from positions inside a Triton kernel; interpreter on CPU) shares exactly too."""
+    plain = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", kernels="triton",
+                                   share_prefix=False)
+    shared = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", kernels="triton")
+    prompt = random_conversation(rng, max_turns=2, hi=10)[:-1]
+    convs = [prompt + [{"role": "assistant", "content": random_text(rng, 1, 6)}] for _ in range(3)]
+    convs.append(random_conversation(rng, max_turns=1, hi=10))
+    assert find_groups([e.ids for e in shared.encode(convs)])[0].prefix > 0
+    assert_results_close(shared.score(convs), plain.score(convs), "triton kernels")
