@@ -152,7 +152,7 @@ def _sample_normal_kernel(mu_ptr, sigma_ptr, w_ptr, key_ptr, x_ptr, score_ptr,
 
 
 @triton.jit
-def _sample_quantiles_kernel(q_ptr, key_ptr, out_ptr, Q, K, stride_q, stride_o,
+def _sample_quantiles_kernel(q_ptr, key_ptr, out_ptr, Q, K, j_max, stride_q, stride_o,
                              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -162,7 +162,7 @@ def _sample_quantiles_kernel(q_ptr, key_ptr, out_ptr, Q, K, stride_q, stride_o,
     key = tl.load(key_ptr + b)
     b0, _, _, _ = tl.randint4x(key, ks)
     t = _uniform(b0) * (Q + 1) - 1.0
-    j = tl.minimum(tl.maximum(tl.floor(t), 0.0), tl.maximum(Q - 2, 0).to(tl.float32))
+    j = tl.minimum(tl.maximum(tl.floor(t), 0.0), j_max)                   # segment: 0 .. max(Q - 2, 0)
     ji = j.to(tl.int32)
     lo = tl.sum(tl.where(qs[None, :] == ji[:, None], s[None, :], 0.0), axis=1)
     hi_idx = tl.minimum(ji + 1, Q - 1)
@@ -213,6 +213,7 @@ def sample_quantiles(quantiles: torch.Tensor, keys: torch.Tensor, num_samples: i
     out = torch.empty(B, num_samples, dtype=torch.float32, device=quantiles.device)
     block_k = _block_k(num_samples)
     grid = (B, triton.cdiv(num_samples, block_k))
-    _sample_quantiles_kernel[grid](quantiles, keys, out, Q, num_samples, quantiles.stride(0), out.stride(0),
+    _sample_quantiles_kernel[grid](quantiles, keys, out, Q, num_samples, float(max(Q - 2, 0)),
+                                   quantiles.stride(0), out.stride(0),
                                    BLOCK_Q=max(triton.next_power_of_2(Q), 2), BLOCK_K=block_k)
     return out

@@ -59,7 +59,8 @@ def check_2x(got, same_dtype, oracle, what=""):
 
 
 def randn(g, *shape, dtype=torch.float32, device="cpu", scale=1.0):
-    return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+    """Drawn from the CPU generator g, then moved: the same inputs on any device."""
+    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
 
 # ------------------------------------------------------------------------------------------
