@@ -95,9 +95,11 @@ class CudaGraphCapture:
     def __init__(self, device: torch.device):
         self.device = device
         self.pool = torch.cuda.graph_pool_handle()
+        # One warm-up stream for all: the caching allocator reuses freed blocks per stream only.
+        self.side = torch.cuda.Stream(device)
 
     def record(self, fn: Callable[[], Outputs]) -> tuple[torch.cuda.CUDAGraph, Outputs]:
-        side = torch.cuda.Stream(self.device)
+        side = self.side
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             fn()
@@ -149,7 +151,8 @@ class GraphRunner:
     """forward(batch) through the captured graph of the smallest bucket that fits, else eagerly.
 
     forward: the eager packed forward (PackedBatch -> dict of [S, ...] tensors), e.g. Engine.forward_eager.
-    Outputs are copies sliced to the batch's sequences, safe to keep across calls."""
+    Outputs are copies sliced to the batch's sequences, safe to keep across calls. One call at a
+    time: every bucket shares the static input buffers."""
 
     def __init__(self, forward: Callable[[PackedBatch], Outputs], buckets: Sequence[Bucket],
                  needs_gate: bool, device: torch.device, capture: Capture):
