@@ -59,10 +59,14 @@ def assert_results_close(got, want, what):
                                            msg=lambda m: f"{what} {name}: {m}")
 
 
+VARIANTS = [(f, {}) for f in FAMILIES] + [("bt", {"num_labels": 3}), ("grm", {"vhead_layer_type": "linear"}),
+                                          ("qrm", {"store_transform": False})]
+
+
 @needs_interpreter
-@pytest.mark.parametrize("family", FAMILIES)
-def test_kernel_path_equals_torch_path(tiny_model, family, rng):
-    path = tiny_model(family)
+@pytest.mark.parametrize("family,settings", VARIANTS, ids=[f + "-".join([""] + list(s)) for f, s in VARIANTS])
+def test_kernel_path_equals_torch_path(tiny_model, family, settings, rng):
+    path = tiny_model(family, **settings)
     ref = Engine.from_pretrained(path, dtype="float32", device="cpu", kernels="torch")
     fused = Engine.from_pretrained(path, dtype="float32", device="cpu", kernels="triton")
     assert ref.config.kernels == "torch" and fused.config.kernels == "triton"
