@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rmserve", "rmserve.model", "rmserve.heads", "rmserve.server", "rmserve.kernels"],
+    packages=["rmserve", "rmserve.model", "rmserve.heads", "rmserve.server", "rmserve.kernels", "rmserve.offline"],
     package_dir={"rmserve.kernels": "kernels"},
     install_requires=[
         # torch 2.11 is the GPU image's; 2.13 is what CPU CI runs.
@@ -27,16 +27,22 @@ setup(
         "jinja2>=3.1",
         "numpy>=1.26",
         "tqdm>=4.66",
+        # the offline job's parquet input and output (parquet is its default output)
+        "pyarrow>=15",
     ],
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "ray": ["ray[data]>=2.40", "pyarrow>=15"],
+        # `rmserve score` on a Hugging Face dataset (save_to_disk directory or hf:<name>)
+        "datasets": ["datasets>=2.19"],
         "server": ["fastapi>=0.110", "uvicorn>=0.29", "prometheus_client>=0.20", "httpx>=0.27"],
         "bench": ["pytest>=8", "pytest-benchmark>=4.0"],
         "test": [
             "pytest>=8",
             "pytest-benchmark>=4.0",
             "pyarrow>=15",
+            "pandas>=2",
+            "datasets>=2.19",
             "ray[data]>=2.40",
             "fastapi>=0.110",
             "uvicorn>=0.29",

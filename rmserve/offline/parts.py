@@ -189,20 +189,24 @@ def _write_parquet(f, records: list[dict]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    ids = [r["id"] for r in records]
-    if len({type(i) for i in ids}) > 1:   # ints and strings in one part: all strings
-        records = [dict(r, id=str(r["id"])) for r in records]
+    for name in records[0]:   # a column of ints and strings (ids, group keys): all strings
+        kinds = {type(r[name]) for r in records}
+        if kinds & {int} and kinds & {str}:
+            records = [dict(r, **{name: str(r[name])}) for r in records]
     pq.write_table(pa.Table.from_pylist(records), f)
 
 
 def _target_schema(files: list[str]):
-    """One schema for all parts: ids become strings if any part has string ids."""
+    """One schema for all parts: a column that is strings in one part and integers in another
+    (ids, group keys) becomes strings everywhere."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schemas = [pq.read_schema(p) for p in files]
-    if any(pa.types.is_string(s.field("id").type) for s in schemas):
-        schemas = [s.set(s.get_field_index("id"), pa.field("id", pa.string())) for s in schemas]
+    for name in schemas[0].names:
+        if any(pa.types.is_string(s.field(name).type) for s in schemas if name in s.names):
+            schemas = [s.set(s.get_field_index(name), pa.field(name, pa.string())) if name in s.names else s
+                       for s in schemas]
     return pa.unify_schemas(schemas, promote_options="permissive")
 
 
@@ -242,26 +246,43 @@ def _merge_jsonl(f, files: list[str], ranks) -> None:
 
 
 def _group_ranks(files: list[str], fmt: str, group: str):
-    """Rank of each output row's score within its group (1 = best, ties share), in output order,
-    and the best-of-N summary."""
+    """Rank of each output row's score within its group (1 = best, ties share the better rank), in
+    output order, and the best-of-N summary. Memory: one key and one score per row."""
     import numpy as np
-    import pandas as pd
 
-    frames = []
+    keys: list = []
+    scores: list = []
     for p in files:
         if fmt == "parquet":
-            frames.append(pd.read_parquet(p, columns=[group, "score"]))
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(p, columns=[group, "score"])
+            keys += t.column(group).to_pylist()
+            scores += t.column("score").to_pylist()
         else:
             with open(p, "rb") as src:
-                recs = [json.loads(line) for line in src]
-            frames.append(pd.DataFrame({group: [r[group] for r in recs], "score": [r["score"] for r in recs]}))
-    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({group: [], "score": []})
-    if df.empty:
+                for line in src:
+                    rec = json.loads(line)
+                    keys.append(rec[group])
+                    scores.append(rec["score"])
+    if not keys:
         return np.zeros(0, dtype=np.int64), {"groups": 0}
-    df[group] = df[group].astype(str) if df[group].map(type).nunique() > 1 else df[group]
-    ranks = df.groupby(group, sort=False)["score"].rank(method="min", ascending=False).astype("int64").to_numpy()
-    g = df.groupby(group, sort=False)["score"]
-    sizes, best, mean = g.size(), g.max(), g.mean()
+    index: dict = {}
+    codes = np.array([index.setdefault(str(k), len(index)) for k in keys], dtype=np.int64)
+    sc = np.array(scores, dtype=np.float64)
+    order = np.lexsort((-sc, codes))          # by group, best score first
+    cs, ss = codes[order], sc[order]
+    at = np.arange(len(cs))
+    new_group = np.r_[True, cs[1:] != cs[:-1]]
+    new_run = new_group | np.r_[True, ss[1:] != ss[:-1]]
+    group_start = np.maximum.accumulate(np.where(new_group, at, 0))
+    run_start = np.maximum.accumulate(np.where(new_run, at, 0))
+    ranks = np.empty(len(cs), dtype=np.int64)
+    ranks[order] = run_start - group_start + 1
+    sizes = np.bincount(codes)
+    best = np.full(len(sizes), -np.inf)
+    np.maximum.at(best, codes, sc)
+    mean = np.bincount(codes, weights=sc) / sizes
     stats = {"groups": int(len(sizes)), "mean_group_size": float(sizes.mean()),
              "mean_best_score": float(best.mean()), "mean_score": float(mean.mean()),
              "mean_best_minus_mean": float((best - mean).mean())}
