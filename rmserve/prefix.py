@@ -58,7 +58,7 @@ class Group:
 
     def keys(self, lengths: Sequence[int]) -> int:
         """Key rows its attention reads (the prefix once for itself, then once per member)."""
-        return (self.prefix if self.prefix else 0) + sum(lengths[m] for m in self.members)
+        return self.prefix + sum(lengths[m] for m in self.members)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
