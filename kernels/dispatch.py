@@ -78,7 +78,7 @@ def select_kernels(name: str, device: torch.device) -> Ops:
         return TORCH_OPS
     if device.type == "cuda":
         if interpreting():
-            raise RuntimeError("kernels='triton' on CUDA, but TRITON_INTERPRET=1 made the kernels interpreted; "
+            raise ValueError("kernels='triton' on CUDA, but TRITON_INTERPRET=1 made the kernels interpreted; "
                                "unset it to run them on the GPU")
         return TRITON_OPS
     if device.type == "cpu" and interpreting():
@@ -86,4 +86,4 @@ def select_kernels(name: str, device: torch.device) -> Ops:
     hint = ("TRITON_INTERPRET=1 is set, but only after rmserve's kernels were imported; set it before "
             "importing rmserve" if os.environ.get("TRITON_INTERPRET") == "1" else
             "set TRITON_INTERPRET=1 before importing rmserve to run them in Triton's (slow) CPU interpreter")
-    raise RuntimeError(f"kernels='triton' needs a CUDA device, not {device}; use kernels='torch' or 'auto', or {hint}")
+    raise ValueError(f"kernels='triton' needs a CUDA device, not {device}; use kernels='torch' or 'auto', or {hint}")

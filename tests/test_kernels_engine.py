@@ -131,7 +131,7 @@ def test_dispatch_choices():
 def test_triton_on_cpu_without_interpreter_raises():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch; from rmserve.kernels.dispatch import select_kernels\n"
-            "try:\n select_kernels('triton', torch.device('cpu'))\nexcept RuntimeError as e:\n print('ERR', e)")
+            "try:\n select_kernels('triton', torch.device('cpu'))\nexcept ValueError as e:\n print('ERR', e)")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert "ERR kernels='triton' needs a CUDA device" in out.stdout, out.stdout + out.stderr
     assert "TRITON_INTERPRET=1" in out.stdout
