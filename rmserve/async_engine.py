@@ -13,7 +13,8 @@ A call goes through four steps:
    from the front up to the token budget, waiting at most `max_wait_ms` after the oldest sample
    arrived for a fuller batch while the model is idle;
 4. the model thread runs the batch (`Engine.score_encoded`), and each sample's result goes back
-   to its own call; a call returns when all its samples are back, in its input order.
+   to its own call; a call returns when all its samples are back, in its input order (with
+   `samples=K` the draws are added then, keyed by seed and token ids as in `Engine.score`).
 
 The event loop only does bookkeeping: tokenization and the model run on their own threads.
 `SyncEngine` wraps an AsyncEngine for threads that are not async.
@@ -31,6 +32,7 @@ from typing import Any, Callable, Sequence
 from .engine import Engine
 from .inputs import Encoded, InputError
 from .results import ScoreResult
+from .sampling import add_samples, check_sampling
 
 
 class Overloaded(RuntimeError):
@@ -73,7 +75,6 @@ class BatchStats:
 @dataclass(eq=False)
 class _Call:
     future: asyncio.Future
-    options: tuple
     results: list[ScoreResult | None]
     remaining: int = 0
 
@@ -129,15 +130,15 @@ class AsyncEngine:
         return self._closing
 
     # ---- the public calls ----
-    async def score(self, conversations: Sequence[Any], **options: Any) -> list[ScoreResult]:
-        """Message lists (or token-id lists) -> one ScoreResult each, in input order, exactly as
-        `Engine.score` would give them. A sample that cannot be scored gets `error` set.
-        options: extra `Engine.score_encoded` arguments; only samples with equal options share a batch."""
-        return await self._submit(self.engine.encode, conversations, options)
+    async def score(self, conversations: Sequence[Any], *, samples: int = 0, seed: int = 0) -> list[ScoreResult]:
+        """Message lists (or token-id lists) -> one ScoreResult each, in input order, as
+        `Engine.score` gives them. A sample that cannot be scored gets `error` set.
+        samples, seed: K draws per sample (URM, QRM), as in `Engine.score`."""
+        return await self._submit(self.engine.encode, conversations, samples, seed)
 
-    async def score_texts(self, texts: Sequence[str], **options: Any) -> list[ScoreResult]:
+    async def score_texts(self, texts: Sequence[str], *, samples: int = 0, seed: int = 0) -> list[ScoreResult]:
         """Texts already rendered with the chat template (see Preprocessor.encode_texts)."""
-        return await self._submit(self.engine.preprocessor.encode_texts, texts, options)
+        return await self._submit(self.engine.preprocessor.encode_texts, texts, samples, seed)
 
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking calls (new ones raise EngineClosed). drain=True scores everything already
@@ -158,6 +159,8 @@ class AsyncEngine:
                 self._fail_queued(EngineClosed(f"the engine shut down; draining took longer than {timeout} s"))
                 self._wake.set()
                 await self._task
+        while self._pending:   # calls finishing up (adding samples) after their last batch
+            await asyncio.sleep(0.005)
         self._tokenizer_thread.shutdown(wait=False, cancel_futures=True)
         self._model_thread.shutdown(wait=False, cancel_futures=True)
 
@@ -171,9 +174,10 @@ class AsyncEngine:
         elif self._loop is not loop:
             raise RuntimeError("this AsyncEngine runs on another event loop; use SyncEngine from other threads")
 
-    async def _submit(self, encode: Callable, inputs: Sequence[Any], options: dict) -> list[ScoreResult]:
+    async def _submit(self, encode: Callable, inputs: Sequence[Any], samples: int, seed: int) -> list[ScoreResult]:
         if self._closing:
             raise EngineClosed("the engine is shutting down")
+        check_sampling(self.engine.family, samples, seed)
         self._start()
         n = len(inputs)
         if n > self.config.max_pending:
@@ -183,7 +187,7 @@ class AsyncEngine:
         if n == 0:
             return []
         self._pending += n
-        call = _Call(self._loop.create_future(), tuple(sorted(options.items())), [None] * n)
+        call = _Call(self._loop.create_future(), [None] * n)
         try:
             self._tokenizing += 1
             try:
@@ -204,6 +208,9 @@ class AsyncEngine:
             if call.remaining:
                 self._wake.set()
                 await call.future
+            if samples:
+                return await self._loop.run_in_executor(
+                    self._model_thread, add_samples, self.engine, encoded, call.results, samples, seed)
             return call.results  # type: ignore[return-value]
         except BaseException:   # cancelled, or failed: its samples leave the queue
             self._remove(call)
@@ -252,32 +259,26 @@ class AsyncEngine:
                 await self._run(batch)
 
     def _take(self) -> list[_Item]:
-        """Samples from the front of the queue, within the budget, with the front sample's options."""
-        if not self._queue:
-            return []
-        options = self._queue[0].call.options
+        """Samples from the front of the queue, within the budget (a sample over it goes alone)."""
         batch: list[_Item] = []
-        kept: deque[_Item] = deque()
         tokens = 0
-        for it in self._queue:
-            fits = (not batch or (tokens + len(it.encoded) <= self.max_batch_tokens
-                                  and (self.max_batch_seqs is None or len(batch) < self.max_batch_seqs)))
-            if it.call.options == options and fits:
-                batch.append(it)
-                tokens += len(it.encoded)
-            else:
-                kept.append(it)
-        self._queue = kept
+        while self._queue:
+            n = len(self._queue[0].encoded)
+            full = tokens + n > self.max_batch_tokens or (
+                self.max_batch_seqs is not None and len(batch) >= self.max_batch_seqs)
+            if batch and full:
+                break
+            batch.append(self._queue.popleft())
+            tokens += n
         self._queued_tokens -= tokens
         return batch
 
     async def _run(self, batch: list[_Item]) -> None:
-        options = dict(batch[0].call.options)
         items = [it.encoded for it in batch]
         self._running = len(batch)
         start = time.perf_counter()
         try:
-            results = await self._loop.run_in_executor(self._model_thread, self._score_isolating, items, options)
+            results = await self._loop.run_in_executor(self._model_thread, self._score_isolating, items)
         except Exception as e:  # not the model (it is caught below): the executor itself, say
             for it in batch:
                 if not it.call.future.done():
@@ -298,15 +299,15 @@ class AsyncEngine:
                 samples=len(batch), tokens=sum(len(e) for e in items), seconds=time.perf_counter() - start,
                 calls=len({id(it.call) for it in batch}), failed=sum(1 for r in results if r.error)))
 
-    def _score_isolating(self, items: list[Encoded], options: dict) -> list[ScoreResult]:
+    def _score_isolating(self, items: list[Encoded]) -> list[ScoreResult]:
         """Runs on the model thread. If the model raises on a batch, each sample is retried alone,
         so one sample the model cannot run fails alone (with `error` set) and the others are scored."""
         try:
-            return self.engine.score_encoded(items, **options)
+            return self.engine.score_encoded(items)
         except Exception as e:
             if len(items) == 1:
                 return [ScoreResult(error=f"scoring failed: {type(e).__name__}: {e}", num_tokens=len(items[0]))]
-            return [r for it in items for r in self._score_isolating([it], options)]
+            return [r for it in items for r in self._score_isolating([it])]
 
 
 class SyncEngine:
@@ -332,15 +333,17 @@ class SyncEngine:
             fut.cancel()   # the call leaves the queue if it has not run yet
             raise
 
-    def score(self, conversations: Sequence[Any], timeout: float | None = None, **options: Any) -> list[ScoreResult]:
+    def score(self, conversations: Sequence[Any], *, samples: int = 0, seed: int = 0,
+              timeout: float | None = None) -> list[ScoreResult]:
         if self._closed:
             raise EngineClosed("the engine is shut down")
-        return self._call(self.async_engine.score(conversations, **options), timeout)
+        return self._call(self.async_engine.score(conversations, samples=samples, seed=seed), timeout)
 
-    def score_texts(self, texts: Sequence[str], timeout: float | None = None, **options: Any) -> list[ScoreResult]:
+    def score_texts(self, texts: Sequence[str], *, samples: int = 0, seed: int = 0,
+                    timeout: float | None = None) -> list[ScoreResult]:
         if self._closed:
             raise EngineClosed("the engine is shut down")
-        return self._call(self.async_engine.score_texts(texts, **options), timeout)
+        return self._call(self.async_engine.score_texts(texts, samples=samples, seed=seed), timeout)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         if self._closed:

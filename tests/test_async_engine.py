@@ -118,6 +118,27 @@ def test_per_sample_errors_and_texts(engines, rng):
     assert empty == []
 
 
+@pytest.mark.parametrize("family", ["urm", "qrm"])
+def test_samples_as_the_engine_draws_them(engines, family, rng):
+    engine = engines(family)
+    calls = [([random_conversation(rng) for _ in range(rng.randint(1, 3))], rng.choice([0, 3, 8]), rng.randrange(99))
+             for _ in range(12)]
+
+    async def main():
+        ae = AsyncEngine(engine, BatchingConfig(max_wait_ms=5))
+        out = await asyncio.gather(*(ae.score(c, samples=k, seed=s) for c, k, s in calls))
+        with pytest.raises(ValueError):
+            await ae.score(calls[0][0], samples=-1)
+        await ae.close()
+        return out
+
+    out = asyncio.run(main())
+    for (convs, k, seed), results in zip(calls, out):
+        for got, want in zip(results, engine.score(convs, samples=k, seed=seed)):
+            assert_same(got, want)
+            assert len(got.score_samples or ()) == k
+
+
 def test_model_failure_fails_only_that_sample(engines, rng):
     """A pre-tokenized sample with a token id past the vocabulary makes the model raise (a real
     failure, not an injected one): the batch is retried sample by sample, so only that sample fails."""

@@ -118,17 +118,21 @@ def test_concurrent_requests_get_their_own_answers(start_server, family, rng):
         convs = [random_conversation(rng, hi=rng.choice([5, 40])) for _ in range(rng.randint(1, 4))]
         if rng.random() < 0.1:   # a per-sample error inside an otherwise good request
             convs.insert(rng.randrange(len(convs) + 1), too_long(rng, rng.choice([130, 400])))
-        requests.append(convs)
+        # URM is distributional: some requests ask for draws
+        draws = {"samples": rng.choice([0, 4]), "seed": rng.randrange(2 ** 64)} if family == "urm" else {}
+        requests.append((convs, draws))
 
     async def run():
         limits = httpx.Limits(max_connections=250)
         async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
-            return await asyncio.gather(*(client.post("/v1/score", json={"conversations": c}) for c in requests))
+            return await asyncio.gather(*(client.post("/v1/score", json={"conversations": c, **d})
+                                          for c, d in requests))
 
     answers = asyncio.run(run())
     m = metrics(server.url)
     ok_tokens = ok_samples = item_errors = 0
-    for n, (convs, resp, want_all) in enumerate(zip(requests, answers, alone(engine, requests))):
+    for n, ((convs, draws), resp) in enumerate(zip(requests, answers)):
+        want_all = engine.score(convs, **draws)
         assert resp.status_code == 200, resp.text
         body = resp.json()
         assert body["family"] == family and body["names"] == list(engine.spec.head.names)
@@ -209,6 +213,10 @@ INVALID = {
                         JSON, 422, "2003 characters"),
     "body-too-large": ("/v1/score", {"conversations": [GOOD], "pad": "x" * 20000}, JSON, 413, "larger than 20000"),
     "unknown-model": ("/v1/score", {"conversations": [GOOD], "model": "gpt-4"}, JSON, 404, "not served here"),
+    "samples-point-score": ("/v1/score", {"conversations": [GOOD], "samples": 4}, JSON, 422, "distributional"),
+    "samples-negative": ("/v1/score", {"conversations": [GOOD], "samples": -1}, JSON, 422, "samples"),
+    "samples-too-many": ("/v1/score", {"conversations": [GOOD], "samples": 5000}, JSON, 422, "at most 1024"),
+    "seed-too-large": ("/v1/score", {"conversations": [GOOD], "seed": 2 ** 64}, JSON, 422, "seed"),
     "reward-empty": ("/get_reward", {"query": []}, JSON, 422, "at least 1"),
     "reward-empty-text": ("/get_reward", {"query": ["ok", ""]}, JSON, 422, "query.1"),
     "reward-not-text": ("/get_reward", {"query": [1]}, JSON, 422, "query.0"),

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..async_engine import AsyncEngine, EngineClosed, Overloaded, RequestTooLarge
 from ..inputs import InputError, check_conversation
 from ..results import ScoreResult
+from ..sampling import check_sampling
 from .metrics import Metrics
 from .schemas import (ErrorResponse, Health, ModelCard, ModelList, RewardRequest, RewardResponse, ScoreItem,
                       ScoreRequest, ScoreResponse)
@@ -36,6 +37,7 @@ class ServerConfig:
     model_name: str                      # what /v1/models lists and `model` fields must match
     api_key: str | None = None           # when set, every route but OPEN_PATHS needs "Authorization: Bearer <key>"
     max_items: int = 256                 # conversations (or queries) in one request
+    max_samples: int = 1024              # `samples` (draws per conversation) in one request
     max_sample_chars: int = 1_000_000    # characters in one conversation or query
     max_body_bytes: int = 32 * 2 ** 20   # request body size
     drain_timeout_s: float = 30.0        # on shutdown, how long admitted samples may take to finish
@@ -229,6 +231,12 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise ClientError(404, "unknown_model", f"model '{body.model}' is not served here; "
                                                     f"this server serves '{config.model_name}'")
         check_count(len(body.conversations), "conversations")
+        if body.samples > config.max_samples:
+            raise ClientError(422, "invalid_request", f"samples={body.samples}; at most {config.max_samples}")
+        try:
+            check_sampling(spec.family, body.samples, body.seed)
+        except ValueError as e:
+            raise ClientError(422, "invalid_request", str(e)) from None
         convs = []
         for i, conv in enumerate(body.conversations):
             messages = [m.model_dump() for m in conv]
@@ -238,7 +246,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                 raise ClientError(422, "invalid_request", f"conversations[{i}]: {e}") from None
             check_chars(sum(len(m["content"]) for m in messages), f"conversations[{i}]")
             convs.append(messages)
-        results = await engine.score(convs)
+        results = await engine.score(convs, samples=body.samples, seed=body.seed)
         items = [to_item(i, r) for i, r in enumerate(results)]
         count_item_errors(items)
         return ScoreResponse(model=config.model_name, family=spec.family, names=names, results=items)

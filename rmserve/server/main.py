@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     s.add_argument("--max-pending", type=int, default=4096,
                    help="samples admitted and not yet answered; past it requests get 429")
     s.add_argument("--max-items", type=int, default=256, help="conversations or queries in one request")
+    s.add_argument("--max-samples", type=int, default=1024, help="largest `samples` (draws per conversation)")
     s.add_argument("--max-sample-chars", type=int, default=1_000_000, help="characters in one sample")
     s.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
     s.add_argument("--drain-timeout", type=float, default=30.0,
@@ -57,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
                                     max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
     config = ServerConfig(
         model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get(API_KEY_ENV),
-        max_items=args.max_items, max_sample_chars=args.max_sample_chars, max_body_bytes=args.max_body_bytes,
+        max_items=args.max_items, max_samples=args.max_samples, max_sample_chars=args.max_sample_chars, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout)
     batching = BatchingConfig(max_wait_ms=args.max_wait_ms, max_pending=args.max_pending)
     app = create_app(AsyncEngine(engine, batching), config)

@@ -18,6 +18,9 @@ class ScoreRequest(BaseModel):
     conversations: list[list[Message]] = Field(
         min_length=1, description="Conversations to score, each ending with the assistant's answer")
     model: str | None = Field(None, description="If given, must name the served model")
+    samples: int = Field(0, ge=0, description="URM, QRM: draws per conversation from its score distribution "
+                                              "(into `samples` / `score_samples`); 0: none")
+    seed: int = Field(0, ge=0, lt=2 ** 64, description="The same seed gives the same draws for the same input")
 
 
 class ScoreItem(BaseModel):
