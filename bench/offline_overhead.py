@@ -15,7 +15,9 @@ shared-prefix groups (the job's --group-field prompt_id; Engine.score(groups=...
   gzip jsonl, row checks, tokenizing (one part ahead on a thread), scoring part by part, parquet
   parts with fsync and manifest commits, the final merge with best-of-N ranks, the summary; its
   engine load included.
-Overhead = job / api - 1 (medians over --repeats, runs alternated). One JSON row goes to --json.
+Overhead = job / api - 1: of the wall-time medians, of the fastest runs, and of the CPU time this
+process used (all threads; the least disturbed by other load on a shared machine), over --repeats
+alternated runs. One JSON row goes to --json.
 """
 from __future__ import annotations
 
@@ -78,19 +80,22 @@ def main() -> None:
 
     engine = Engine.from_pretrained(model, **asdict(settings))
     engine.score(convs[:32], groups[:32])   # warm-up
-    api_s, job_s, tokens, summary = [], [], 0, {}
+    api_s, job_s, api_cpu, job_cpu, tokens, summary = [], [], [], [], 0, {}
     for r in range(args.repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         results = engine.score(convs, groups)
         api_s.append(time.perf_counter() - t)
+        api_cpu.append(time.process_time() - c)
         tokens = sum(x.num_tokens for x in results)
         out = os.path.join(work, f"scores-{r}.parquet")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         summary = run_job(JobConfig(inp, out, model, engine=settings, part_rows=args.part_rows, quiet=True,
                                     shape=ShapeConfig(group_field="prompt_id")))
         job_s.append(time.perf_counter() - t)
+        job_cpu.append(time.process_time() - c)
         assert summary["tokens"] == tokens and summary["scored"] == len(convs), summary
-        print(f"repeat {r}: api {api_s[-1]:.2f} s, job {job_s[-1]:.2f} s", flush=True)
+        print(f"repeat {r}: api {api_s[-1]:.2f} s ({api_cpu[-1]:.2f} s CPU), job {job_s[-1]:.2f} s "
+              f"({job_cpu[-1]:.2f} s CPU)", flush=True)
     api, job = statistics.median(api_s), statistics.median(job_s)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -104,12 +109,16 @@ def main() -> None:
            "part_rows": args.part_rows, "api_s": api_s, "job_s": job_s,
            "api_rows_per_s": len(convs) / api, "api_tokens_per_s": tokens / api,
            "job_rows_per_s": len(convs) / job, "job_tokens_per_s": tokens / job,
-           "overhead": job / api - 1, "commit": commit}
+           "overhead": job / api - 1, "overhead_min": min(job_s) / min(api_s) - 1,
+           "api_cpu_s": api_cpu, "job_cpu_s": job_cpu,
+           "overhead_cpu": statistics.median(job_cpu) / statistics.median(api_cpu) - 1, "commit": commit}
     print(f"{len(convs)} rows, {tokens} tokens (Llama 3 tokenizer), model {row['model']} on {args.device}, "
           f"{row['threads']} threads")
     print(f"api: {row['api_rows_per_s']:.1f} rows/s, {row['api_tokens_per_s']:.0f} tokens/s (median {api:.2f} s)")
     print(f"job: {row['job_rows_per_s']:.1f} rows/s, {row['job_tokens_per_s']:.0f} tokens/s (median {job:.2f} s)")
-    print(f"job overhead: {100 * row['overhead']:+.1f}%")
+    print(f"job overhead: {100 * row['overhead']:+.1f}% of the medians, {100 * row['overhead_min']:+.1f}% of the "
+          "fastest runs (on a busy machine the fastest runs are the least disturbed)")
+    print(f"job overhead in CPU time (this process, all threads): {100 * row['overhead_cpu']:+.1f}%")
     if args.json:
         os.makedirs(os.path.dirname(args.json), exist_ok=True)
         with open(args.json, "a", encoding="utf-8") as f:

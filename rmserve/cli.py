@@ -22,7 +22,8 @@ def _score(args: argparse.Namespace) -> int:
                             keep=tuple(k for k in (args.keep or "").split(",") if k))
         engine = EngineConfig(dtype=args.dtype, device=args.device, attention=args.attention,
                               max_batch_tokens=args.max_batch_tokens, max_batch_seqs=args.max_batch_seqs,
-                              bos=args.bos, max_length=args.max_length, kernels=args.kernels)
+                              bos=args.bos, max_length=args.max_length, kernels=args.kernels,
+                              share_prefix=not args.no_share_prefix)
         config = JobConfig(args.input, args.output, args.model, format=args.format, split=args.split,
                            shape=shape, engine=engine, part_rows=args.part_rows, samples=args.samples,
                            seed=args.seed, quiet=args.quiet,
@@ -69,6 +70,7 @@ def _add_score(sub) -> None:
     e.add_argument("--max-batch-seqs", type=int, default=None)
     e.add_argument("--max-length", type=int, default=None)
     e.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
+    e.add_argument("--no-share-prefix", action="store_true", help="score every sample whole (no shared prompts)")
     e.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
                    help="fused Triton kernels (auto: on CUDA) or the PyTorch references")
     j = s.add_argument_group("job")

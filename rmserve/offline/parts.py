@@ -52,7 +52,7 @@ def write_json(path: str, obj: Any) -> None:
 
 
 def _jsonl_bytes(records: Iterable[dict]) -> bytes:
-    return b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+    return b"".join(json.dumps(r, ensure_ascii=False, default=str).encode() + b"\n" for r in records)
 
 
 def key_hash(key: dict) -> str:

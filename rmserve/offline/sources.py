@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -33,6 +34,21 @@ def _hash_file(path: str, h) -> None:
             h.update(block)
 
 
+class _Hashing(io.RawIOBase):
+    """A binary file that feeds every byte read through a hash."""
+
+    def __init__(self, f, h):
+        self.f, self.h = f, h
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = self.f.readinto(b)
+        self.h.update(memoryview(b)[:n])
+        return n
+
+
 @dataclass(frozen=True)
 class Source:
     """One input: its kind, where it is, and (for the hub) which split."""
@@ -45,9 +61,13 @@ class Source:
         """(number of rows, fingerprint). Reads the input once; memory stays bounded."""
         h = hashlib.blake2b(digest_size=16)
         h.update(self.kind.encode())
-        if self.kind in ("jsonl", "jsonl.gz"):
-            _hash_file(self.path, h)
-            return sum(1 for _ in self._lines()), h.hexdigest()
+        if self.kind in ("jsonl", "jsonl.gz"):   # one pass: hash the file's bytes as the lines are counted
+            with open(self.path, "rb") as raw:
+                stream = io.BufferedReader(_Hashing(raw, h), 1 << 20)
+                f = gzip.GzipFile(fileobj=stream) if self.kind == "jsonl.gz" else stream
+                rows = sum(1 for line in f if line.strip())
+                stream.read()   # whatever gzip left unread counts too
+            return rows, h.hexdigest()
         if self.kind == "parquet":
             import pyarrow.parquet as pq
 
