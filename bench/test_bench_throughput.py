@@ -8,7 +8,7 @@ and weights; and one 512-token request. Each entry's extra_info carries tokens, 
 median and the device.
 
 CPU: the small shape, RMSERVE_BENCH_ROWS samples (default 16) so the whole file runs in a few
-minutes. CUDA: the 8B shape (RMSERVE_BENCH_LAYERS to shorten it), 512 rows by default.
+minutes, rmserve with a 4096-token budget (as bench/throughput.py on CPU). CUDA: the 8B shape (RMSERVE_BENCH_LAYERS to shorten it), 512 rows by default.
 """
 import os
 
@@ -30,7 +30,7 @@ def setup():
     cfg = rmbench.llama_config("8b" if CUDA else "small", "bt", LAYERS)
     model = rmbench.random_model(cfg, DEVICE, DTYPE)
     tokenizer = rmbench.load_tokenizer() or rmbench.fallback_tokenizer()
-    engine = rmbench.make_engine(model, tokenizer, share_prefix=False)
+    engine = rmbench.make_engine(model, tokenizer, share_prefix=False, max_batch_tokens=16384 if CUDA else 4096)
     work = rmbench.workload(ROWS, gating=engine.preprocessor.gating_pattern)
     hf = rmbench.hf_model(model, cfg)
     return {"cfg": cfg, "model": model, "tokenizer": tokenizer, "engine": engine, "work": work, "hf": hf}

@@ -25,27 +25,38 @@ import torch
 import rmbench
 
 
+def clocks():
+    return time.perf_counter(), time.process_time()
+
+
+def since(start):
+    """(wall seconds, this process's CPU seconds) since `start`."""
+    return time.perf_counter() - start[0], time.process_time() - start[1]
+
+
 def run_rmserve(engine, samples, device):
     rmbench.sync(device)
-    t0 = time.perf_counter()
+    start = clocks()
     scores = rmbench.rmserve_score(engine, samples)
     rmbench.sync(device)
-    return scores, time.perf_counter() - t0
+    return scores, since(start)
 
 
 def run_hf(hf, samples, batch_size, order, device):
     rmbench.sync(device)
-    t0 = time.perf_counter()
+    start = clocks()
     scores, padded = rmbench.hf_score(hf, samples, batch_size, order, device)
     rmbench.sync(device)
-    return scores, padded, time.perf_counter() - t0
+    return scores, padded, since(start)
 
 
-def row(name, family, seconds, work, computed, peak, cfg, mem=None, diff=None):
+def row(name, family, times, work, computed, peak, cfg, mem=None, diff=None):
+    seconds, cpu_seconds = times
     useful = work.tokens
     flops = sum(rmbench.flops_per_sample(cfg, len(s)) for s in work.samples)
-    return {"system": name, "head": family, "seconds": round(seconds, 3),
-            "tokens_per_s": round(useful / seconds, 1), "samples_per_s": round(len(work.samples) / seconds, 2),
+    return {"system": name, "head": family, "seconds": round(seconds, 3), "cpu_seconds": round(cpu_seconds, 3),
+            "tokens_per_s": round(useful / seconds, 1), "tokens_per_cpu_s": round(useful / cpu_seconds, 1),
+            "samples_per_s": round(len(work.samples) / seconds, 2),
             "useful_fraction": round(useful / computed, 3), "tflops": round(flops / seconds / 1e12, 3),
             "mfu": round(flops / seconds / peak, 4), "peak_mem_gib": mem,
             "max_score_diff": None if diff is None else float(f"{diff:.3g}")}
@@ -60,15 +71,17 @@ def reset_mem(device):
         torch.cuda.reset_peak_memory_stats()
 
 
-def print_table(rows, base):
-    print(f"{'system':<34}{'head':<8}{'tokens/s':>11}{'samples/s':>11}{'useful':>8}{'MFU':>8}"
-          f"{'mem GiB':>9}{'vs best HF':>11}{'max diff':>10}")
+def print_table(rows, base, base_cpu):
+    print(f"{'system':<34}{'head':<8}{'tokens/s':>10}{'samples/s':>10}{'tok/CPU-s':>10}{'useful':>7}{'MFU':>7}"
+          f"{'mem GiB':>8}{'vs best HF':>11}{'(CPU-s)':>8}{'max diff':>9}")
     for r in rows:
         ratio = r["tokens_per_s"] / base if base else float("nan")
+        ratio_cpu = r["tokens_per_cpu_s"] / base_cpu if base_cpu else float("nan")
         mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
         diff = "-" if r["max_score_diff"] is None else f"{r['max_score_diff']:.2g}"
-        print(f"{r['system']:<34}{r['head']:<8}{r['tokens_per_s']:>11.0f}{r['samples_per_s']:>11.1f}"
-              f"{r['useful_fraction']:>8.2f}{100 * r['mfu']:>7.1f}%{mem:>9}{ratio:>10.2f}x{diff:>10}")
+        print(f"{r['system']:<34}{r['head']:<8}{r['tokens_per_s']:>10.0f}{r['samples_per_s']:>10.1f}"
+              f"{r['tokens_per_cpu_s']:>10.0f}{r['useful_fraction']:>7.2f}{100 * r['mfu']:>6.1f}%{mem:>8}"
+              f"{ratio:>10.2f}x{ratio_cpu:>7.2f}x{diff:>9}")
 
 
 def main(argv=None) -> int:
@@ -84,11 +97,16 @@ def main(argv=None) -> int:
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
                     help="also transformers one sample at a time (no padding); default on for cpu")
     ap.add_argument("--eager", action="store_true", help="also rmserve with enforce_eager=True (cuda)")
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--max-batch-tokens", type=int, default=None,
+                    help="rmserve's token budget; default 16384 on cuda, 4096 on cpu (cache-friendlier there)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    budget = args.max_batch_tokens or (16384 if cuda else 4096)
     shape = args.shape or ("8b" if cuda else "small")
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     n = args.rows or (1000 if cuda else 256)
@@ -106,7 +124,7 @@ def main(argv=None) -> int:
         cfg = rmbench.llama_config(shape, family, args.layers)
         model = rmbench.random_model(cfg, args.device, dtype)
         t0 = time.perf_counter()
-        engine = rmbench.make_engine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, share_prefix=False)
+        engine = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=False)
         setup = time.perf_counter() - t0
         if work is None:
             work = rmbench.workload(n, gating=engine.preprocessor.gating_pattern)
@@ -118,9 +136,9 @@ def main(argv=None) -> int:
         reset_mem(args.device)
         ours, seconds = run_rmserve(engine, work.samples, args.device)
         rows.append(row("rmserve packed", family, seconds, work, work.tokens, peak, cfg, peak_mem(args.device)))
-        print_table(rows[-1:], 0)
+        print_table(rows[-1:], 0, 0)
         if args.eager and cuda:
-            eager = rmbench.make_engine(model, tokenizer, max_batch_tokens=args.max_batch_tokens, share_prefix=False,
+            eager = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=False,
                                         enforce_eager=True)
             reset_mem(args.device)
             _, seconds = run_rmserve(eager, work.samples, args.device)
@@ -139,7 +157,7 @@ def main(argv=None) -> int:
                 diff = max(abs(a - c) for a, c in zip(ours, theirs)) if family == "bt" else None
                 name = "transformers, one at a time" if b == 1 else f"transformers padded b{b}, {o}"
                 rows.append(row(name, "bt", seconds, work, padded, peak, cfg, peak_mem(args.device), diff))
-                print_table(rows[-1:], 0)
+                print_table(rows[-1:], 0, 0)
             del hf
             hf_done = True
         del model
@@ -149,18 +167,21 @@ def main(argv=None) -> int:
 
     hf_rows = [r for r in rows if r["system"].startswith("transformers padded")]
     best = max((r["tokens_per_s"] for r in hf_rows), default=0)
+    best_cpu = max((r["tokens_per_cpu_s"] for r in hf_rows), default=0)
     print()
-    print_table(rows, best)
+    print_table(rows, best, best_cpu)
     env = rmbench.environment(args.device)
     print(f"\n{env['device']}, {env['date']}, commit {env['commit']}, torch {env['torch']}, "
           f"transformers {env['transformers']}; shape {shape}"
           f"{'' if args.layers is None else f' ({args.layers} layers)'}, {dtype}; {work.source}; "
-          f"matmul peak {peak / 1e12:.2f} TFLOP/s; 'vs best HF': tokens/s over the best padded transformers row")
+          f"matmul peak {peak / 1e12:.3f} TFLOP/s; {torch.get_num_threads()} torch threads; 'vs best HF': "
+          f"tokens/s (and tokens per CPU-second) over the best padded transformers row's")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"env": env, "shape": shape, "layers": args.layers, "dtype": str(dtype),
                        "workload": work.source, "samples": len(work.samples), "tokens": work.tokens,
-                       "matmul_peak_tflops": round(peak / 1e12, 3), "engines": meta, "rows": rows}, f, indent=2)
+                       "matmul_peak_tflops": round(peak / 1e12, 4), "threads": torch.get_num_threads(),
+                       "engines": meta, "rows": rows}, f, indent=2)
     return 0
 
 
