@@ -70,7 +70,7 @@ def engines(tmp_path_factory):
 def test_concurrent_calls_get_their_own_results(engines, family, rng):
     engine = engines(family)
     calls = []
-    for _ in range(150):
+    for _ in range(100):
         convs = [random_conversation(rng, hi=rng.choice([5, 40])) for _ in range(rng.randint(1, 4))]
         if rng.random() < 0.1:
             convs.insert(rng.randrange(len(convs) + 1), bad_conversation(rng))
@@ -274,7 +274,7 @@ def test_event_loop_stays_responsive(tmp_path, rng):
     path = write_tiny_checkpoint(str(tmp_path), "bt", hidden=256, intermediate=768, layers=4)
     # One batch for everything: run on the loop, it would stall the loop for nearly all the time.
     engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_tokens=10 ** 6)
-    convs = [random_conversation(random.Random(i), max_turns=4, hi=200) for i in range(24)]
+    convs = [random_conversation(random.Random(i), max_turns=4, hi=200) for i in range(16)]
 
     async def main():
         ae = AsyncEngine(engine)
