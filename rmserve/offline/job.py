@@ -126,7 +126,7 @@ def _first_object(source: Source) -> dict:
     for raw in source.rows():
         try:
             return parse_raw(raw)
-        except Exception:
+        except ValueError:   # a malformed row: its error is reported when the row's part is scored
             continue
     return {}
 

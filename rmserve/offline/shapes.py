@@ -70,8 +70,8 @@ class RowError:
     error: str
 
 
-class _Bad(Exception):
-    pass
+class _Bad(ValueError):
+    """This row cannot be scored; the message says why."""
 
 
 def parse_raw(raw: Any) -> dict:
