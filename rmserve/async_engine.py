@@ -170,7 +170,7 @@ class AsyncEngine:
         if self._loop is None:
             self._loop = loop
             self._wake = asyncio.Event()
-            self._task = loop.create_task(self._batcher(), name="rmserve-batcher")
+            self._task = loop.create_task(self._batcher_guarded(), name="rmserve-batcher")
         elif self._loop is not loop:
             raise RuntimeError("this AsyncEngine runs on another event loop; use SyncEngine from other threads")
 
@@ -233,6 +233,15 @@ class AsyncEngine:
     def _budget_full(self) -> bool:
         return (self._queued_tokens >= self.max_batch_tokens
                 or (self.max_batch_seqs is not None and len(self._queue) >= self.max_batch_seqs))
+
+    async def _batcher_guarded(self) -> None:
+        """The batcher, and if it ever fails (a bug), a closed engine rather than callers waiting forever."""
+        try:
+            await self._batcher()
+        except Exception as e:
+            self._closing, self._drain = True, False
+            self._fail_queued(EngineClosed(f"the batcher failed: {type(e).__name__}: {e}"))
+            raise
 
     async def _batcher(self) -> None:
         wait_s = self.config.max_wait_ms / 1000
