@@ -158,10 +158,12 @@ def test_concurrent_requests_get_their_own_answers(start_server, family, rng):
 
 
 def test_get_reward_openrlhf_protocol(start_server, rng):
-    server, path = start_server("qrm")
+    server, path = start_server("qrm", "--strip-padding", "[PAD]", "--strip-padding", "<|end_of_text|>")
     engine = Engine.from_pretrained(path, dtype="float32", device="cpu")
     convs = [random_conversation(rng) for _ in range(6)]
     texts = [engine.preprocessor.render(c) for c in convs]
+    # a trainer's left and right padding, decoded into the text, is removed before scoring
+    texts[1] = "[PAD][PAD]<|end_of_text|>" + texts[1] + "[PAD]<|end_of_text|>"
     texts.insert(2, "plain text with no chat template")          # no gating pattern: a per-sample error
     body = {"query": texts, "prompts": ["p"] * len(texts), "labels": [None] * len(texts)}  # newer OpenRLHF
     resp = httpx.post(server.url + "/get_reward", json=body, timeout=60)
@@ -175,6 +177,8 @@ def test_get_reward_openrlhf_protocol(start_server, rng):
     assert [e is None for i, e in enumerate(out["errors"]) if i != 2] == [True] * 6
     clean = httpx.post(server.url + "/get_reward", json={"query": texts[:2]}, timeout=60).json()
     assert "errors" not in clean and clean["rewards"] == pytest.approx(got[:2], rel=1e-5, abs=1e-5)
+    only_pad = httpx.post(server.url + "/get_reward", json={"query": [texts[0], "[PAD][PAD]"]}, timeout=60)
+    assert only_pad.status_code == 422 and "query[1] is empty" in only_pad.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class ServerConfig:
     max_items: int = 256                 # conversations (or queries) in one request
     max_samples: int = 1024              # `samples` (draws per conversation) in one request
     max_sample_chars: int = 1_000_000    # characters in one conversation or query
+    strip_padding: tuple[str, ...] = ()  # /get_reward: strings (pad tokens) removed from both ends of a query
     max_body_bytes: int = 32 * 2 ** 20   # request body size
     drain_timeout_s: float = 30.0        # on shutdown, how long admitted samples may take to finish
     retry_after_s: int = 1               # Retry-After on 429 / 503
@@ -142,6 +143,20 @@ def _finite(value) -> bool:
     if isinstance(value, list):
         return all(_finite(v) for v in value)
     return value is None or isinstance(value, (int, str)) or math.isfinite(value)
+
+
+def strip_padding(text: str, pads: tuple[str, ...]) -> str:
+    """Remove every leading and trailing repetition of the strings in `pads` (a trainer's
+    left/right padding decoded into the query text)."""
+    changed = bool(pads)
+    while changed:
+        changed = False
+        for pad in pads:
+            if pad and text.startswith(pad):
+                text, changed = text[len(pad):], True
+            if pad and text.endswith(pad):
+                text, changed = text[:-len(pad)], True
+    return text
 
 
 def to_item(index: int, result: ScoreResult) -> ScoreItem:
@@ -258,7 +273,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         check_count(len(body.query), "queries")
         for i, text in enumerate(body.query):
             check_chars(len(text), f"query[{i}]")
-        results = await engine.score_texts(body.query)
+        texts = [strip_padding(t, config.strip_padding) for t in body.query]
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ClientError(422, "invalid_request", f"query[{i}] is empty once padding is removed")
+        results = await engine.score_texts(texts)
         items = [to_item(i, r) for i, r in enumerate(results)]
         for it in items:
             if it.error is None and it.score is None:

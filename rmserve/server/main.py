@@ -36,6 +36,9 @@ def add_parser(sub) -> None:
     s.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
     s.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM")
+    s.add_argument("--strip-padding", action="append", default=[], metavar="TEXT",
+                   help="/get_reward: remove this string (a pad token, e.g. '<|end_of_text|>') from both ends "
+                        "of every query, however often it repeats; may be given several times")
     s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer <key>' (prefer the {API_KEY_ENV} environment variable)")
     s.add_argument("--log-level", default="info")
@@ -58,7 +61,8 @@ def serve(args: argparse.Namespace) -> int:
                                     max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
     config = ServerConfig(
         model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get(API_KEY_ENV),
-        max_items=args.max_items, max_samples=args.max_samples, max_sample_chars=args.max_sample_chars, max_body_bytes=args.max_body_bytes,
+        max_items=args.max_items, max_samples=args.max_samples, strip_padding=tuple(args.strip_padding),
+        max_sample_chars=args.max_sample_chars, max_body_bytes=args.max_body_bytes,
         drain_timeout_s=args.drain_timeout)
     batching = BatchingConfig(max_wait_ms=args.max_wait_ms, max_pending=args.max_pending)
     app = create_app(AsyncEngine(engine, batching), config)
