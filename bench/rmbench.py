@@ -91,15 +91,19 @@ def random_model(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0) -> L
     dev = torch.device(device)
     with torch.device("meta"):
         backbone, head = LlamaBackbone(spec), build_head(spec)
-    backbone.to_empty(device=dev)
-    head.to_empty(device=dev)
     g = torch.Generator(device=dev).manual_seed(seed)
-    for name, p in backbone.named_parameters():
-        p.data = p.data.to(dtype)
-        _fill_random(name, p.data, g)
-    for name, p in head.named_parameters():
-        p.data = p.data.to(head_param_dtype(spec.family, name, dtype))
-        _fill_random(name, p.data, g)
+    for module, dtype_of in ((backbone, lambda n: dtype), (head, lambda n: head_param_dtype(spec.family, n, dtype))):
+        for mod_name, mod in module.named_modules():
+            for name, t in list(mod._parameters.items()):   # straight to the target dtype: no fp32 copy of 8B
+                if t is None:
+                    continue
+                full = f"{mod_name}.{name}" if mod_name else name
+                new = torch.empty(t.shape, dtype=dtype_of(full), device=dev)
+                _fill_random(full, new, g)
+                mod._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
+            for name, t in list(mod._buffers.items()):
+                if t is not None and name != "inv_freq":
+                    mod._buffers[name] = torch.zeros(t.shape, dtype=t.dtype, device=dev)
     backbone.inv_freq = inv_freq(spec.rope, spec.head_dim).to(dev)
     return LoadedModel(spec=spec, backbone=backbone.eval(), head=head.eval(), path="random")
 
