@@ -170,6 +170,13 @@ def fallback_tokenizer():
     return AutoTokenizer.from_pretrained(path)
 
 
+def gating_pattern(tokenizer) -> tuple[int, ...]:
+    """The ArmoRM/QRM gating pattern's token ids for this tokenizer (synthetic samples carry it)."""
+    from rmserve.inputs import GATING_TEXT
+
+    return tuple(tokenizer(GATING_TEXT, add_special_tokens=False)["input_ids"])
+
+
 def synthetic_length(rng: random.Random) -> int:
     """Inverse-CDF sample from QUANTILES (linear between the measured quantiles)."""
     u = rng.random()

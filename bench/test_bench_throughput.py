@@ -31,7 +31,7 @@ def setup():
     model = rmbench.random_model(cfg, DEVICE, DTYPE)
     tokenizer = rmbench.load_tokenizer() or rmbench.fallback_tokenizer()
     engine = rmbench.make_engine(model, tokenizer, share_prefix=False, max_batch_tokens=16384 if CUDA else 4096)
-    work = rmbench.workload(ROWS, gating=engine.preprocessor.gating_pattern)
+    work = rmbench.workload(ROWS, gating=rmbench.gating_pattern(tokenizer))
     hf = rmbench.hf_model(model, cfg)
     return {"cfg": cfg, "model": model, "tokenizer": tokenizer, "engine": engine, "work": work, "hf": hf}
 

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         engine = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=False)
         setup = time.perf_counter() - t0
         if work is None:
-            work = rmbench.workload(n, gating=engine.preprocessor.gating_pattern)
+            work = rmbench.workload(n, gating=rmbench.gating_pattern(tokenizer))
             print(f"workload: {work.source}: {len(work.samples)} samples, {work.tokens} tokens", file=sys.stderr)
         meta[family] = {"engine_setup_s": round(setup, 2), "max_batch_tokens": engine.config.max_batch_tokens,
                         "attention": engine.attention, "kernels": engine.config.kernels,
