@@ -35,7 +35,7 @@ class EngineConfig:
     dtype: str = "auto"                  # auto: bfloat16 on CUDA, float32 on CPU
     device: str | None = None            # None: cuda when available, else cpu
     attention: str = "auto"              # flash_attn | torch_varlen | reference | auto
-    max_batch_tokens: int = 16384        # token budget of one packed batch
+    max_batch_tokens: int = 16384        # token budget of one packed batch (CUDA: a cap; free memory may lower it)
     max_batch_seqs: int | None = None    # cap on samples per batch
     bos: str = "one"                     # BOS policy, see inputs.py
     max_length: int | None = None        # per-sample cap; None: the model's max_position_embeddings
