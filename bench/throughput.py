@@ -136,6 +136,8 @@ def main(argv=None) -> int:
         reset_mem(args.device)
         ours, seconds = run_rmserve(engine, work.samples, args.device)
         rows.append(row("rmserve packed", family, seconds, work, work.tokens, peak, cfg, peak_mem(args.device)))
+        if engine.graphs is not None:   # how many batches replayed a graph and how many ran eagerly
+            meta[family].update(graph_replays=sum(engine.graphs.replays.values()), eager_batches=engine.graphs.eager)
         print_table(rows[-1:], 0, 0)
         if args.eager and cuda:
             eager = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=False,
