@@ -123,6 +123,7 @@ def test_sharing_matches_transformers(tiny_model, family, rng):
     assert engine.config.share_prefix   # on by default
     ref = Reference(path)
     prompt = random_conversation(rng, max_turns=2)[:-1]
+    prompt[-1]["content"] += " " + random_text(rng, 16, 20)   # at least share_min_tokens shared tokens
     convs = [prompt + [{"role": "assistant", "content": random_text(rng)}] for _ in range(3)]
     encoded = engine.encode(convs)
     assert find_groups([e.ids for e in encoded])[0].prefix > 0
@@ -236,7 +237,9 @@ def test_sharing_with_triton_kernels(tiny_model, rng):
     """The kernel path (RoPE from positions inside a Triton kernel; interpreter on CPU) shares exactly too."""
     plain = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", kernels="triton",
                                    share_prefix=False)
-    shared = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", kernels="triton")
+    # share_min_tokens=4: a random prompt can be shorter than the default 16 shared tokens
+    shared = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", kernels="triton",
+                                    share_min_tokens=4)
     prompt = random_conversation(rng, max_turns=2, hi=10)[:-1]
     convs = [prompt + [{"role": "assistant", "content": random_text(rng, 1, 6)}] for _ in range(3)]
     convs.append(random_conversation(rng, max_turns=1, hi=10))
