@@ -6,6 +6,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from .config import ModelSpec
 from .inputs import Encoded, InputError, Preprocessor
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
@@ -55,6 +56,16 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
+def make_preprocessor(spec: ModelSpec, tokenizer, config: EngineConfig) -> Preprocessor:
+    """The input side of an engine: its tokenizer, BOS policy, length cap and gating need."""
+    from .heads import HEADS
+
+    limit = spec.max_position_embeddings
+    return Preprocessor(tokenizer, bos=config.bos, max_length=min(config.max_length or limit, limit),
+                        needs_gate=HEADS[spec.family].needs_gate, chat_template=config.chat_template,
+                        vocab_size=spec.vocab_size)
+
+
 class Engine:
     """Scores conversations with one reward model.
 
@@ -83,8 +94,7 @@ class Engine:
 
             budget, self.graphs = prepare_cuda(self)
             self.config = replace(self.config, max_batch_tokens=budget)
-        self.preprocessor = Preprocessor(tokenizer, bos=config.bos, max_length=self.config.max_length,
-                                         needs_gate=model.head.needs_gate, chat_template=config.chat_template)
+        self.preprocessor = make_preprocessor(self.spec, tokenizer, config)
 
     @classmethod
     def from_pretrained(cls, model: str, **settings: Any) -> "Engine":

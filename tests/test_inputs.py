@@ -60,6 +60,11 @@ def test_pre_tokenized_input(tiny_model):
     by_ids = engine.score([list(enc.ids)])[0]
     by_conv = engine.score([CONV])[0]
     assert by_ids.ok and by_ids.score == by_conv.score   # same single-sample batch: bitwise equal
+    # ids outside the vocabulary are refused before they reach the model
+    vocab = engine.spec.vocab_size
+    for ids in ([1, 2, vocab], [-1, 2, 3]):
+        res = engine.score([list(enc.ids) + ids])[0]
+        assert not res.ok and "outside the model's vocabulary" in res.error
     # token ids without the gating pattern are refused for ArmoRM, not guessed
     bad = engine.score([list(enc.ids[enc.gate + 1:])])[0]
     assert not bad.ok and "gating pattern" in bad.error

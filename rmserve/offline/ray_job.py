@@ -34,16 +34,10 @@ TOKENIZE_CPUS = 0.5    # a tokenize task is light; leave CPUs to the engine acto
 def _preprocessor(model: str, engine_settings: tuple):
     """The same Preprocessor an Engine on this checkpoint would build (cached per worker process)."""
     from ..config import load_spec
-    from ..engine import EngineConfig, load_tokenizer
-    from ..heads import HEADS
-    from ..inputs import Preprocessor
+    from ..engine import EngineConfig, load_tokenizer, make_preprocessor
 
-    config = EngineConfig(**dict(engine_settings))
     model_dir = model_path(model)   # resolved on this node (a hub id downloads here)
-    spec = load_spec(model_dir)
-    limit = spec.max_position_embeddings
-    return Preprocessor(load_tokenizer(model_dir), bos=config.bos, max_length=min(config.max_length or limit, limit),
-                        needs_gate=HEADS[spec.family].needs_gate, chat_template=config.chat_template)
+    return make_preprocessor(load_spec(model_dir), load_tokenizer(model_dir), EngineConfig(**dict(engine_settings)))
 
 
 def _tokenize(batch: dict, *, model: str, engine_settings: tuple, shape: ShapeConfig, parts_dir: str) -> dict:
