@@ -11,7 +11,6 @@ from torch import nn
 
 from ..config import ModelSpec
 from .fused import PackedHead, Part
-from .gating import gate_probs
 
 
 class ArmoGating(nn.Module):
@@ -23,11 +22,6 @@ class ArmoGating(nn.Module):
         self.layers.append(nn.Linear(dims[-1], spec.head.num_objectives))
         self.logit_scale = nn.Parameter(torch.empty(1))
         self.temperature = spec.head.gating_temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers[:-1]:
-            x = F.relu(layer(x))
-        return gate_probs(self.layers[-1](x), self.temperature, self.logit_scale)
 
     def logits_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """The gating logits u from the first layer's output (before its ReLU)."""

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..config import ModelSpec
 from .fused import PackedHead, Part
-from .gating import gate_probs
 
 
 class QRMGating(nn.Module):
@@ -26,9 +25,6 @@ class QRMGating(nn.Module):
         self.layers = nn.Sequential(*blocks)
         self.logit_scale = nn.Parameter(torch.empty(1))
         self.temperature = spec.head.gating_temperature
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return gate_probs(self.layers(x), self.temperature, self.logit_scale)
 
 
 class QRMHead(PackedHead):
