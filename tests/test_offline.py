@@ -254,6 +254,30 @@ def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng):
         _job(shutil.copy(inp, tmp_path / "in.txt"), tmp_path / "o2.parquet", model)
 
 
+def test_kill_during_final_cleanup_is_complete_on_rerun(tmp_path, tiny_model, rng, monkeypatch):
+    """A kill while the parts directory is being removed (after the summary) leaves a manifest
+    listing parts whose files are gone: the rerun must see a finished job, not resume from it."""
+    import rmserve.offline.parts as parts
+
+    model = tiny_model("bt")
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": random_conversation(rng)} for _ in range(6)])
+    out = tmp_path / "out.parquet"
+
+    def die_midway(path, *args, **kwargs):   # removes the first part file, then the process "dies"
+        os.remove(os.path.join(path, "part-000000.parquet"))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(parts.shutil, "rmtree", die_midway)
+        with pytest.raises(KeyboardInterrupt):
+            _job(inp, out, model, part_rows=2)
+    assert os.path.exists(str(out) + ".parts/manifest.json")
+    before = pd.read_parquet(out)
+    s = _job(inp, out, model, part_rows=2)
+    assert s["rows"] == 6 and not os.path.exists(str(out) + ".parts")
+    pd.testing.assert_frame_equal(pd.read_parquet(out), before)
+
+
 def test_samples_when_asked(tmp_path, tiny_model, rng):
     model = tiny_model("urm")
     convs = [random_conversation(rng) for _ in range(5)]

@@ -91,12 +91,18 @@ class PartStore:
 
     # ---- starting or resuming ----
     def finished(self, key: dict) -> dict | None:
-        """The summary of this exact job if it already ran to the end, else None."""
-        if os.path.isdir(self.dir) or not os.path.exists(self.summary_path):
+        """The summary of this exact job if it already ran to the end, else None.
+
+        The summary is written after the merged output and before the parts directory is removed,
+        so a summary of this job means the output is complete; a parts directory still beside it is
+        what a kill during that last removal left (some part files gone, the manifest maybe not),
+        and is removed now rather than resumed from."""
+        if not os.path.exists(self.summary_path):
             return None
         with open(self.summary_path, encoding="utf-8") as f:
             summary = json.load(f)
         if summary.get("key_hash") == key_hash(key) and os.path.exists(self.output):
+            shutil.rmtree(self.dir, ignore_errors=True)
             return summary
         return None
 
