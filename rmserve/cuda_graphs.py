@@ -214,7 +214,7 @@ def prepare_cuda(engine) -> tuple[int, GraphRunner | None]:
     use_graphs = not cfg.enforce_eager
     if use_graphs and engine.attention not in CAPTURABLE_ATTENTION:
         raise ValueError(f"attention '{engine.attention}' cannot run inside a CUDA graph (it reads cu_seqlens on "
-                         f"the host); use one of {CAPTURABLE_ATTENTION} or enforce_eager=True")
+                         f"the host); use one of {CAPTURABLE_ATTENTION} (fp16/bf16 only) or enforce_eager=True")
     needs_gate = engine.model.head.needs_gate
     budget = cuda_batch_budget(engine.forward_eager, needs_gate, engine.device, cfg.max_batch_tokens,
                                cfg.gpu_memory_utilization, copies=2 if use_graphs else 1)

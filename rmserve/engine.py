@@ -82,7 +82,7 @@ class Engine:
         limit = self.spec.max_position_embeddings
         self.config = replace(config, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                               max_length=min(config.max_length or limit, limit))
-        self.attention, attn = select_attention(config.attention, self.device)
+        self.attention, attn = select_attention(config.attention, self.device, self.dtype)
         model.backbone.attn = attn
         self.ops = select_kernels(config.kernels, self.device)   # before any CUDA graph is captured
         model.backbone.use_kernels(self.ops)

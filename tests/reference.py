@@ -31,7 +31,12 @@ def hf_backbone(cfg: dict, tensors: dict[str, torch.Tensor], dtype=torch.float32
     keys = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}
     config = LlamaConfig(**keys)
     config._attn_implementation = "eager"
-    model = LlamaModel(config).to(dtype=dtype, device=device).eval()
+    model = LlamaModel(config).to(device=device).eval()
+    # Module.to(dtype) would round the RoPE inverse frequencies to bf16 too (angle errors ~0.1 rad
+    # at position 100); from_pretrained(torch_dtype=...) keeps them fp32, so the oracle does too.
+    inv_freq = model.rotary_emb.inv_freq
+    model = model.to(dtype=dtype)
+    model.rotary_emb.inv_freq = inv_freq
     state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not [m for m in missing if "rotary" not in m], missing

@@ -78,6 +78,7 @@ class PackedHead(nn.Module):
     needs_gate = False
     ops: Ops = TORCH_OPS
     projection: FusedProjection | None = None
+    _fused: FusedProjection | None = None   # made on the first use of the Triton ops, then kept
 
     def first_stage(self) -> list[Part]:
         raise NotImplementedError
@@ -103,6 +104,11 @@ class PackedHead(nn.Module):
         return self.finish(self.projection(hidden, last_idx, gate_idx))
 
     def use_kernels(self, ops: Ops) -> None:
-        """Combine steps through `ops`; with the Triton ops also the fused first-stage projection."""
+        """Combine steps through `ops`; with the Triton ops also the fused first-stage projection.
+
+        The stacked matrices are made once per head and kept: a CUDA graph captured by one Engine
+        reads their addresses, so a second Engine on the same model must not restack (and free) them."""
         self.ops = ops
-        self.projection = FusedProjection(self.first_stage(), ops) if ops.name == "triton" else None
+        if ops.name == "triton" and self._fused is None:
+            self._fused = FusedProjection(self.first_stage(), ops)
+        self.projection = self._fused if ops.name == "triton" else None

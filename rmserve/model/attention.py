@@ -70,9 +70,13 @@ def _flash_attn() -> AttentionFn:
     return fn
 
 
-def available_backends(device: torch.device) -> list[str]:
+FLASH_DTYPES = (torch.float16, torch.bfloat16)   # FlashAttention (both CUDA backends) has no fp32 kernels
+
+
+def available_backends(device: torch.device, dtype: torch.dtype | None = None) -> list[str]:
+    """The backends that can run on `device` for q/k/v of `dtype` (None: any dtype)."""
     found = ["reference"]
-    if device.type == "cuda":
+    if device.type == "cuda" and (dtype is None or dtype in FLASH_DTYPES):
         if importlib.util.find_spec("flash_attn") is not None:
             found.insert(0, "flash_attn")
         try:
@@ -83,16 +87,18 @@ def available_backends(device: torch.device) -> list[str]:
     return found
 
 
-def select_attention(name: str, device: torch.device) -> tuple[str, AttentionFn]:
-    """'auto' picks the first available of flash_attn, torch_varlen, reference.
+def select_attention(name: str, device: torch.device, dtype: torch.dtype | None = None) -> tuple[str, AttentionFn]:
+    """'auto' picks the first available of flash_attn, torch_varlen, reference (for fp32 on CUDA:
+    reference, FlashAttention has no fp32 kernels).
 
-    Asking for a backend that this device cannot run raises; nothing falls back silently."""
-    found = available_backends(device)
+    Asking for a backend that this device and dtype cannot run raises; nothing falls back silently."""
+    found = available_backends(device, dtype)
     if name == "auto":
         name = found[0]
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend '{name}', expected one of {BACKENDS} or 'auto'")
     if name not in found:
-        raise RuntimeError(f"attention backend '{name}' is not available on {device} (available: {found})")
+        on = device if dtype is None else f"{device} in {str(dtype).replace('torch.', '')}"
+        raise RuntimeError(f"attention backend '{name}' is not available on {on} (available: {found})")
     fn = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen}.get(name, lambda: attention_ref)()
     return name, fn

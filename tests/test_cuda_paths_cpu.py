@@ -1,0 +1,52 @@
+"""CPU checks of choices the CUDA paths depend on (found in a review of the never-yet-run GPU code):
+which attention backends a dtype can use, and that a second Engine on one model keeps the
+stacked head matrices a first Engine's CUDA graphs read."""
+import pytest
+import torch
+
+from rmserve.kernels.dispatch import TORCH_OPS, TRITON_OPS
+from rmserve.loader import load_model
+from rmserve.model.attention import available_backends, select_attention
+
+CUDA = torch.device("cuda")   # a device object only: nothing here touches a GPU
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flash_backends_are_not_offered_for_fp32(dtype):
+    # FlashAttention (flash-attn and torch's varlen_attn) has fp16/bf16 kernels only.
+    assert available_backends(CUDA, dtype) == ["reference"]
+    assert select_attention("auto", CUDA, dtype)[0] == "reference"
+    with pytest.raises(RuntimeError, match="not available on cuda in float"):
+        select_attention("torch_varlen", CUDA, dtype)
+    with pytest.raises(RuntimeError, match="not available"):
+        select_attention("flash_attn", CUDA, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_dtypes_keep_the_cuda_backends_on_offer(dtype):
+    assert available_backends(CUDA, dtype) == available_backends(CUDA)
+
+
+def test_cpu_offers_only_the_reference():
+    assert available_backends(torch.device("cpu"), torch.bfloat16) == ["reference"]
+
+
+@pytest.mark.parametrize("family", ["armorm", "urm"])
+def test_second_engine_keeps_the_stacked_head_matrices(tiny_model, family):
+    """Engine.__init__ calls head.use_kernels; a second Engine on the same model (bench/ does this:
+    graphs on, then graphs off) used to restack the first-stage matrices into new tensors and free
+    the old ones, which the first Engine's captured graphs still read."""
+    head = load_model(tiny_model(family)).head
+    head.use_kernels(TRITON_OPS)
+    first = head.projection
+    ptrs = [w.data_ptr() for _, w, *_ in first.groups]
+    head.use_kernels(TORCH_OPS)
+    assert head.projection is None
+    head.use_kernels(TRITON_OPS)
+    assert head.projection is first
+    assert [w.data_ptr() for _, w, *_ in head.projection.groups] == ptrs
+    for group, weight, *_ in first.groups:   # the Linear layers still read rows of the kept stack
+        start = 0
+        for p in group:
+            assert p.linear.weight.data_ptr() == weight[start].data_ptr()
+            start += p.linear.out_features
