@@ -50,3 +50,28 @@ def test_second_engine_keeps_the_stacked_head_matrices(tiny_model, family):
         for p in group:
             assert p.linear.weight.data_ptr() == weight[start].data_ptr()
             start += p.linear.out_features
+
+
+def _old_varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """A stand-in with the signature of torch releases whose varlen_attn has no `scale` (CPU math)."""
+    from rmserve.model.attention import attention_ref
+
+    assert is_causal and return_aux is None
+    return attention_ref(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, query.shape[-1] ** -0.5)
+
+
+def test_torch_varlen_adapter_without_scale(monkeypatch):
+    """Such a torch applies 1/sqrt(head_dim), Llama's scale: usable then, refused for another scale."""
+    import torch.nn.attention.varlen as varlen
+
+    from rmserve.model.attention import _torch_varlen, attention_ref
+
+    monkeypatch.setattr(varlen, "varlen_attn", _old_varlen_attn)
+    fn = _torch_varlen()
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(7, h, 16, generator=g) for h in (4, 2, 2))
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    torch.testing.assert_close(fn(q, k, v, cu, cu, 4, 4, 16 ** -0.5),
+                               attention_ref(q, k, v, cu, cu, 4, 4, 16 ** -0.5), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="takes no scale"):
+        fn(q, k, v, cu, cu, 4, 4, 0.5)

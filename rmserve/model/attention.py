@@ -50,13 +50,19 @@ def _torch_varlen() -> AttentionFn:
     from torch.nn.attention.varlen import varlen_attn
 
     params = inspect.signature(varlen_attn).parameters
-    if "scale" not in params:
-        raise RuntimeError("this torch's varlen_attn takes no scale; the torch_varlen backend needs torch >= 2.10")
+    has_scale = "scale" in params
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
 
     def fn(q, k, v, cu_q, cu_k, max_q, max_k, scale):
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal, **gqa)
+        if has_scale:
+            return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, **causal, **gqa)
+        # A varlen_attn without `scale` applies 1/sqrt(head_dim): Llama's own scale (python floats,
+        # no sync); any other scale cannot be honoured.
+        if scale != q.shape[-1] ** -0.5:
+            raise RuntimeError(f"this torch's varlen_attn takes no scale and applies 1/sqrt({q.shape[-1]}), "
+                               f"not {scale}; use attention='reference' or another torch")
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, **causal, **gqa)
 
     return fn
 
