@@ -36,10 +36,17 @@ def _score(args: argparse.Namespace) -> int:
     except (ResumeError, SourceError, ValueError) as e:
         print(f"rmserve score: {e}", file=sys.stderr)
         return EXIT_REFUSED
+    except KeyboardInterrupt:   # Ctrl-C: committed parts stay; say how to go on rather than a traceback
+        print(f"\nrmserve score: interrupted; the committed parts are kept in {args.output}.parts/, "
+              "rerun the same command to finish the rest", file=sys.stderr)
+        return EXIT_INTERRUPTED
     from .offline.job import report
 
     report(summary, args.quiet)
     return summary["exit_code"]
+
+
+EXIT_INTERRUPTED = 130   # the shell's code for a job stopped by Ctrl-C (128 + SIGINT)
 
 
 def _add_score(sub) -> None:

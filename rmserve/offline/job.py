@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from ..engine import EngineConfig
-from .parts import PartStore, ResumeError, key_hash, output_format
+from .parts import PartStore, ResumeError, check_output, key_hash, output_format
 from .scoring import RESERVED, build_outputs, encode_rows, score_samples
 from .shapes import ShapeConfig, make_row, parse_raw, resolve
-from .sources import Source, open_source
+from .sources import Source, SourceError, open_source
 
 EXIT_OK = 0
 EXIT_BAD_ROWS = 3      # the job finished; some rows could not be scored (see the errors file)
@@ -100,8 +100,9 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
 
     source = open_source(config.input, config.split)
     fmt = output_format(config.output, config.format)
+    check_output(config.output)
     num_rows, fingerprint = source.scan()
-    shape = resolve(config.shape, _first_object(source))
+    shape = resolve(config.shape, _first_object(source, config.shape.shape == "auto", num_rows))
     mdir = model_path(config.model)
     spec = load_spec(mdir)
     from ..sampling import check_sampling
@@ -122,12 +123,21 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
     return prep
 
 
-def _first_object(source: Source) -> dict:
+def _first_object(source: Source, needed: bool, num_rows: int) -> dict:
+    """The first row that is a JSON object. `needed` (shape auto): with none, the shape cannot be
+    told, which is refused with the reason rather than guessed."""
+    first_error = None
     for raw in source.rows():
         try:
             return parse_raw(raw)
-        except ValueError:   # a malformed row: its error is reported when the row's part is scored
-            continue
+        except ValueError as e:   # a malformed row: its error is reported when the row's part is scored
+            first_error = first_error or str(e)
+    if needed and num_rows == 0:
+        raise SourceError(f"{source.path} has no rows")
+    if needed:
+        raise SourceError(f"cannot tell the row shape: no row of {source.path} is a JSON object (row 0: "
+                          f"{first_error}); pass --shape to score it anyway and list every bad row in the "
+                          "errors file")
     return {}
 
 

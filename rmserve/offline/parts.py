@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Iterable
 
 MANIFEST_VERSION = 1
@@ -26,6 +27,24 @@ MANIFEST_VERSION = 1
 
 class ResumeError(RuntimeError):
     """The existing parts or output belong to a different job: refused rather than mixed."""
+
+
+class OutputError(ValueError):
+    """The output cannot be written where it was asked for."""
+
+
+def check_output(output: str) -> None:
+    """Refuses, before any work, an output that is a directory or sits where nothing can be written
+    (the parent directories are made as needed)."""
+    if os.path.isdir(output):
+        raise OutputError(f"--output {output} is a directory; name the output file, e.g. "
+                          f"{os.path.join(output, 'scores.parquet')}")
+    parent = os.path.dirname(os.path.abspath(output))
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise OutputError(f"cannot write the output in {parent}: {e.strerror or e}") from None
 
 
 def _fsync_dir(path: str) -> None:

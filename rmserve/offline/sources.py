@@ -14,10 +14,12 @@ not rows).
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import hashlib
 import io
 import os
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -49,6 +51,19 @@ class _Hashing(io.RawIOBase):
         return n
 
 
+def _row_lines(f) -> Iterator[bytes]:
+    """The non-blank lines of a binary jsonl stream, without a UTF-8 byte-order mark at its start
+    (Windows tools write one); CRLF line ends are left to json.loads, which accepts them."""
+    first = True
+    for line in f:
+        if first:
+            first = False
+            if line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8):]
+        if line.strip():
+            yield line
+
+
 @dataclass(frozen=True)
 class Source:
     """One input: its kind, where it is, and (for the hub) which split."""
@@ -65,14 +80,22 @@ class Source:
             with open(self.path, "rb") as raw:
                 stream = io.BufferedReader(_Hashing(raw, h), 1 << 20)
                 f = gzip.GzipFile(fileobj=stream) if self.kind == "jsonl.gz" else stream
-                rows = sum(1 for line in f if line.strip())
+                try:
+                    rows = sum(1 for _ in _row_lines(f))
+                except (EOFError, OSError, zlib.error) as e:   # gzip.BadGzipFile is an OSError
+                    raise SourceError(f"{self.path}: cannot read it as {self.kind} ({e}); is the file "
+                                      "truncated or not gzip-compressed?") from None
                 stream.read()   # whatever gzip left unread counts too
             return rows, h.hexdigest()
         if self.kind == "parquet":
+            import pyarrow as pa
             import pyarrow.parquet as pq
 
             _hash_file(self.path, h)
-            return pq.ParquetFile(self.path).metadata.num_rows, h.hexdigest()
+            try:
+                return pq.ParquetFile(self.path).metadata.num_rows, h.hexdigest()
+            except pa.ArrowException as e:
+                raise SourceError(f"{self.path}: not a readable parquet file ({e})") from None
         if self.kind == "datasets-dir":
             for root, dirs, files in sorted(os.walk(self.path)):
                 dirs.sort()
@@ -102,9 +125,7 @@ class Source:
     def _lines(self) -> Iterator[bytes]:
         """Non-blank lines as bytes (decoded per row, so bad UTF-8 is that row's error)."""
         with (gzip.open(self.path, "rb") if self.kind == "jsonl.gz" else open(self.path, "rb")) as f:
-            for line in f:
-                if line.strip():
-                    yield line
+            yield from _row_lines(f)
 
     def _dataset(self):
         try:

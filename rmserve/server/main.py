@@ -55,10 +55,14 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_items > args.max_pending:
         print(f"--max-items ({args.max_items}) cannot exceed --max-pending ({args.max_pending})", file=sys.stderr)
         return 2
+    try:
+        engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
+                                        max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
+    except ValueError as e:   # ConfigError, CheckpointError, a bad setting: one line, not a traceback
+        print(f"rmserve serve: {e}", file=sys.stderr)
+        return 2
     if args.model.startswith("tiny:"):
         print(f"note: {args.model} has random weights; its scores are meaningless", file=sys.stderr)
-    engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
-                                    max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
     config = ServerConfig(
         model_name=args.served_model_name or args.model, api_key=args.api_key or os.environ.get(API_KEY_ENV),
         max_items=args.max_items, max_samples=args.max_samples, strip_padding=tuple(args.strip_padding),

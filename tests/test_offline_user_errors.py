@@ -1,0 +1,99 @@
+"""What a user plausibly gets wrong with `rmserve score` / `rmserve serve`: files from Windows tools,
+empty or damaged inputs, an output that cannot be written, a checkpoint without config.json,
+Ctrl-C. Each gets rows scored as meant, or one clear line and exit 2 (130 for Ctrl-C), never a
+traceback."""
+import gzip
+import json
+import signal
+import time
+
+from rmserve.cli import main
+from rmserve.offline import EXIT_REFUSED, JobConfig, run_job
+
+from .helpers import random_conversation
+from .offline_helpers import committed_parts, popen, read_jsonl, write_jsonl
+
+
+def _rows(rng, n):
+    return [{"id": f"r{i}", "messages": random_conversation(rng, max_turns=1, hi=6)} for i in range(n)]
+
+
+def _refused(capsys, *argv) -> str:
+    """Runs the CLI in this process; it must refuse with exit 2 and one line on stderr."""
+    code = main(list(map(str, argv)))
+    err = capsys.readouterr().err.strip()
+    assert code == EXIT_REFUSED, err
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_bom_and_crlf_lines_are_read_as_rows(tmp_path, tiny_model, rng):
+    """A UTF-8 byte-order mark at the start (Notepad, PowerShell) and CRLF line ends: every row
+    scores, with its id, the same as the plain file."""
+    model = tiny_model("bt")
+    rows = _rows(rng, 4)
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    data = open(plain, "rb").read()
+    (tmp_path / "win.jsonl").write_bytes(b"\xef\xbb\xbf" + data.replace(b"\n", b"\r\n"))
+    (tmp_path / "win.jsonl.gz").write_bytes(gzip.compress(b"\xef\xbb\xbf" + data))
+    outs = {}
+    for name in ("plain.jsonl", "win.jsonl", "win.jsonl.gz"):
+        s = run_job(JobConfig(str(tmp_path / name), str(tmp_path / f"{name}.out.jsonl"), model, quiet=True))
+        assert (s["rows"], s["scored"], s["errors"]) == (4, 4, 0), name
+        outs[name] = read_jsonl(tmp_path / f"{name}.out.jsonl")
+    assert [r["id"] for r in outs["win.jsonl"]] == [r["id"] for r in rows]
+    assert outs["win.jsonl"] == outs["plain.jsonl"] == outs["win.jsonl.gz"]
+
+
+def test_unreadable_inputs_are_refused_in_one_line(tmp_path, tiny_model, rng, capsys):
+    model = tiny_model("bt")
+    good = gzip.compress(open(write_jsonl(tmp_path / "g.jsonl", _rows(rng, 50)), "rb").read())
+    (tmp_path / "cut.jsonl.gz").write_bytes(good[: len(good) // 2])
+    (tmp_path / "plain.jsonl.gz").write_bytes(b'{"id": 1}\n')
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "allbad.jsonl").write_bytes(b"not json\n{bad\n")
+    cases = {"cut.jsonl.gz": "ended before", "plain.jsonl.gz": "Not a gzipped file", "bad.parquet": "not a readable parquet",
+             "empty.jsonl": "has no rows", "allbad.jsonl": "no row of"}
+    for name, why in cases.items():
+        err = _refused(capsys, "score", tmp_path / name, "--model", model, "--output", tmp_path / f"{name}.out.jsonl")
+        assert why in err and name in err, err
+    # With the shape given, a file of only bad rows is scored: every row in the errors file, exit 3.
+    out = tmp_path / "allbad.out.jsonl"
+    assert main(["score", str(tmp_path / "allbad.jsonl"), "--model", model, "--output", str(out), "--shape",
+                 "messages", "--quiet"]) == 3
+    assert [e["row"] for e in read_jsonl(str(out) + ".errors.jsonl")] == [0, 1]
+
+
+def test_unwritable_output_and_bad_models_are_refused_in_one_line(tmp_path, tiny_model, rng, capsys):
+    model = tiny_model("bt")
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
+    (tmp_path / "outdir").mkdir()
+    err = _refused(capsys, "score", inp, "--model", model, "--output", tmp_path / "outdir")
+    assert "is a directory" in err
+    (tmp_path / "afile").write_text("")
+    err = _refused(capsys, "score", inp, "--model", model, "--output", tmp_path / "afile" / "s.jsonl")
+    assert "cannot write the output" in err
+    (tmp_path / "noconfig").mkdir()
+    for cmd in (["score", inp, "--output", tmp_path / "s.jsonl"], ["serve", "--port", "1"]):
+        err = _refused(capsys, *cmd, "--model", tmp_path / "noconfig")
+        assert "config.json" in err
+    err = _refused(capsys, "serve", "--model", "tiny:nope", "--port", "1")
+    assert "unknown tiny model" in err
+
+
+def test_ctrl_c_stops_with_a_resume_hint(tmp_path, tiny_model, rng):
+    """Ctrl-C mid-job: exit 130 and how to go on, not a traceback; committed parts stay."""
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 300))
+    out = tmp_path / "s.jsonl"
+    p = popen("score", inp, "--model", tiny_model("bt"), "--output", out, "--part-rows", "2", "--quiet")
+    deadline = time.monotonic() + 120
+    while committed_parts(out) < 1 and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=60)[1].decode()
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "rerun the same command" in err, err
+    assert committed_parts(out) >= 1
+    manifest = json.loads((tmp_path / "s.jsonl.parts" / "manifest.json").read_text())
+    assert manifest["key"]["rows"] == 300
