@@ -97,3 +97,12 @@ def test_ctrl_c_stops_with_a_resume_hint(tmp_path, tiny_model, rng):
     assert committed_parts(out) >= 1
     manifest = json.loads((tmp_path / "s.jsonl.parts" / "manifest.json").read_text())
     assert manifest["key"]["rows"] == 300
+
+
+def test_a_named_id_field_that_is_not_there_is_refused(tmp_path, tiny_model, rng, capsys):
+    """`--id-field pairid` (a typo of pair_id) must not quietly give row numbers as ids."""
+    rows = [dict(r, pair_id=i) for i, r in enumerate(_rows(rng, 2))]
+    inp = write_jsonl(tmp_path / "in.jsonl", [{k: v for k, v in r.items() if k != "id"} for r in rows])
+    err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--id-field", "pairid",
+                   "--output", tmp_path / "s.jsonl")
+    assert "'pairid' is not a column" in err and "pair_id" in err

@@ -9,7 +9,8 @@
 
 `group_field` (with `messages` or `prompt_response`) names a prompt-id column: rows sharing it
 form a best-of-N group and get their rank within it. The id is the `id_field` column when the
-first row has it (then every row must), else the row number.
+first row has it (then every row must), else the row number; an `id_field` other than the
+default `id` that the first row lacks is refused.
 
 Every row also carries its `group`: the key of the prompt its samples share (a pair's or multi
 row's row number, or the group column; None for a lone sample), which the engine's shared-prefix
@@ -108,6 +109,10 @@ def resolve(config: ShapeConfig, first: dict) -> ShapeConfig:
         else:
             raise ValueError(f"cannot tell the row shape from the first row's columns {sorted(keys)}; "
                              "pass --shape and the column names")
+    if first and config.id_field != ShapeConfig.id_field and config.id_field not in first:
+        # an id column asked for by name and absent (a typo): row numbers would pass for its ids
+        raise ValueError(f"--id-field '{config.id_field}' is not a column of the first row (its columns: "
+                         f"{sorted(first)})")
     return replace(config, shape=shape, ids_from_column=config.id_field in first)
 
 
