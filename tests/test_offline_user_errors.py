@@ -7,11 +7,13 @@ import json
 import signal
 import time
 
+import pytest
+
 from rmserve.cli import main
 from rmserve.offline import EXIT_REFUSED, JobConfig, run_job
 
 from .helpers import random_conversation
-from .offline_helpers import committed_parts, popen, read_jsonl, write_jsonl
+from .offline_helpers import cli, committed_parts, popen, read_jsonl, write_jsonl
 
 
 def _rows(rng, n):
@@ -106,3 +108,18 @@ def test_a_named_id_field_that_is_not_there_is_refused(tmp_path, tiny_model, rng
     err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--id-field", "pairid",
                    "--output", tmp_path / "s.jsonl")
     assert "'pairid' is not a column" in err and "pair_id" in err
+
+
+def test_missing_datasets_split_or_unreachable_hub_dataset_is_refused(tmp_path, tiny_model, rng, capsys):
+    datasets = pytest.importorskip("datasets")   # in the `test` extra
+    d = datasets.Dataset.from_list(_rows(rng, 2))
+    datasets.DatasetDict(train=d, test=d).save_to_disk(str(tmp_path / "dd"))
+    capsys.readouterr()   # the save's progress bars
+    err = _refused(capsys, "score", tmp_path / "dd", "--split", "validation", "--model", tiny_model("bt"),
+                   "--output", tmp_path / "s.jsonl")
+    assert "no split 'validation'" in err and "['test', 'train']" in err
+    # The hub while offline (the settings are read when `datasets` is imported: a fresh process).
+    r = cli("score", "hf:nobody/no-such-dataset", "--model", tiny_model("bt"), "--output", tmp_path / "h.jsonl",
+            env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert r.returncode == EXIT_REFUSED, r.stderr
+    assert "Traceback" not in r.stderr and "hf:nobody/no-such-dataset: cannot load it" in r.stderr

@@ -138,9 +138,14 @@ class Source:
             if isinstance(ds, datasets.DatasetDict):
                 if self.split is None:
                     raise SourceError(f"{self.path} holds splits {sorted(ds)}; pass --split")
+                if self.split not in ds:
+                    raise SourceError(f"{self.path} has no split {self.split!r}; its splits are {sorted(ds)}")
                 ds = ds[self.split]
             return ds
-        return datasets.load_dataset(self.path, split=self.split or "train")
+        try:
+            return datasets.load_dataset(self.path, split=self.split or "train")
+        except (OSError, ValueError, KeyError) as e:   # offline or unreachable (ConnectionError), no such dataset, no such split
+            raise SourceError(f"hf:{self.path}: cannot load it from the hub ({type(e).__name__}: {e})") from None
 
 
 def open_source(spec: str, split: str | None = None) -> Source:
