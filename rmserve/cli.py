@@ -31,6 +31,11 @@ def _score(args: argparse.Namespace) -> int:
         if args.ray is None:
             summary = run_job(config)
         else:
+            try:
+                import ray  # noqa: F401
+            except ModuleNotFoundError:
+                print('rmserve score: --ray needs Ray; install it with: pip install -e ".[ray]"', file=sys.stderr)
+                return EXIT_REFUSED
             summary = run_ray_job(config, address=args.ray or None, actors=args.actors,
                                   actor_cpus=args.actor_cpus, actor_gpus=args.actor_gpus)
     except (ResumeError, SourceError, ValueError) as e:

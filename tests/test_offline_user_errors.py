@@ -5,6 +5,7 @@ traceback."""
 import gzip
 import json
 import signal
+import sys
 import time
 
 import pytest
@@ -123,3 +124,14 @@ def test_missing_datasets_split_or_unreachable_hub_dataset_is_refused(tmp_path, 
             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == EXIT_REFUSED, r.stderr
     assert "Traceback" not in r.stderr and "hf:nobody/no-such-dataset: cannot load it" in r.stderr
+
+
+def test_missing_server_or_ray_packages_say_which_extra(tmp_path, tiny_model, rng, capsys, monkeypatch):
+    """README's main command installs no extras; `rmserve serve` or `--ray` then names the extra."""
+    monkeypatch.setitem(sys.modules, "uvicorn", None)   # as if not installed
+    monkeypatch.setitem(sys.modules, "ray", None)
+    err = _refused(capsys, "serve", "--model", "tiny:bt")
+    assert "uvicorn is not installed" in err and '".[server]"' in err
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
+    err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--output", tmp_path / "s.jsonl", "--ray")
+    assert '".[ray]"' in err

@@ -46,11 +46,16 @@ def add_parser(sub) -> None:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
 
+        from .app import ServerConfig, create_app
+    except ModuleNotFoundError as e:   # `pip install -e .` alone has no server packages
+        print(f"rmserve serve: {e.name} is not installed; install the server extra: pip install -e \".[server]\"",
+              file=sys.stderr)
+        return 2
     from ..async_engine import AsyncEngine, BatchingConfig
     from ..engine import Engine
-    from .app import ServerConfig, create_app
 
     if args.max_items > args.max_pending:
         print(f"--max-items ({args.max_items}) cannot exceed --max-pending ({args.max_pending})", file=sys.stderr)
