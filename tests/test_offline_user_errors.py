@@ -135,3 +135,12 @@ def test_missing_server_or_ray_packages_say_which_extra(tmp_path, tiny_model, rn
     inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
     err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--output", tmp_path / "s.jsonl", "--ray")
     assert '".[ray]"' in err
+
+
+def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, tiny_model, rng, capsys):
+    inp = write_jsonl(tmp_path / "data.jsonl", _rows(rng, 2))
+    before = open(inp, "rb").read()
+    for extra in ([], ["--overwrite"]):   # --overwrite removes an old output: here it was the input
+        err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--output", inp, *extra)
+        assert "is the input file" in err
+    assert open(inp, "rb").read() == before

@@ -101,6 +101,8 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
     source = open_source(config.input, config.split)
     fmt = output_format(config.output, config.format)
     check_output(config.output)
+    if os.path.exists(config.output) and os.path.exists(source.path) and os.path.samefile(source.path, config.output):
+        raise SourceError(f"--output {config.output} is the input file; name another output")
     num_rows, fingerprint = source.scan()
     shape = resolve(config.shape, _first_object(source, config.shape.shape == "auto", num_rows))
     mdir = model_path(config.model)
