@@ -57,7 +57,7 @@ def test_unreadable_inputs_are_refused_in_one_line(tmp_path, tiny_model, rng, ca
     (tmp_path / "empty.jsonl").write_bytes(b"")
     (tmp_path / "allbad.jsonl").write_bytes(b"not json\n{bad\n")
     cases = {"cut.jsonl.gz": "ended before", "plain.jsonl.gz": "Not a gzipped file", "bad.parquet": "not a readable parquet",
-             "empty.jsonl": "has no rows", "allbad.jsonl": "no row of"}
+             "empty.jsonl": "has no rows", "allbad.jsonl": "must be JSON Lines"}
     for name, why in cases.items():
         err = _refused(capsys, "score", tmp_path / name, "--model", model, "--output", tmp_path / f"{name}.out.jsonl")
         assert why in err and name in err, err

@@ -136,10 +136,10 @@ def _first_object(source: Source, needed: bool, num_rows: int) -> dict:
             first_error = first_error or str(e)
     if needed and num_rows == 0:
         raise SourceError(f"{source.path} has no rows")
-    if needed:
+    if needed:   # often a .json file holding one JSON array
         raise SourceError(f"cannot tell the row shape: no row of {source.path} is a JSON object (row 0: "
-                          f"{first_error}); pass --shape to score it anyway and list every bad row in the "
-                          "errors file")
+                          f"{first_error}); the input must be JSON Lines, one object per line; pass --shape "
+                          "to score it anyway and list every bad row in the errors file")
     return {}
 
 
