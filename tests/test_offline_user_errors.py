@@ -144,3 +144,17 @@ def test_output_that_is_the_input_is_refused_and_the_input_kept(tmp_path, tiny_m
         err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--output", inp, *extra)
         assert "is the input file" in err
     assert open(inp, "rb").read() == before
+
+
+def test_rerun_after_deleting_the_output_says_what_is_left(tmp_path, tiny_model, rng, capsys):
+    """A user deletes scores.jsonl to score again: the summary left beside it is this job's, not
+    'another job (different input, model or settings)'."""
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
+    out = tmp_path / "s.jsonl"
+    args = ["score", inp, "--model", tiny_model("bt"), "--output", out, "--quiet"]
+    assert main(list(map(str, args))) == 0
+    out.unlink()
+    capsys.readouterr()
+    err = _refused(capsys, *args)
+    assert "this same finished job" in err and "another job" not in err
+    assert main(list(map(str, args + ["--overwrite"]))) == 0 and out.exists()

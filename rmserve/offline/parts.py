@@ -137,6 +137,9 @@ class PartStore:
             return {int(k): v for k, v in manifest["parts"].items()}
         for path in (self.output, self.summary_path):
             if os.path.exists(path):
+                if path == self.summary_path and self._summary_hash() == key_hash(key):
+                    raise ResumeError(f"{self.output} is gone but {path} of this same finished job is left; "
+                                      "pass --overwrite (or remove it) to score again")
                 raise ResumeError(f"{path} exists from another job (different input, model or settings); "
                                   "remove it, choose another --output, or pass --overwrite")
         os.makedirs(self.dir, exist_ok=True)
@@ -144,6 +147,13 @@ class PartStore:
                          "parts": {}, "seconds": 0.0}
         write_json(self.manifest_path, self.manifest)
         return {}
+
+    def _summary_hash(self) -> str | None:
+        try:
+            with open(self.summary_path, encoding="utf-8") as f:
+                return json.load(f).get("key_hash")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def remove_all(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
