@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from .device_check import check_device
 from .server.main import add_parser as add_serve_parser
 
 
@@ -15,6 +16,7 @@ def _score(args: argparse.Namespace) -> int:
     from .offline import EXIT_REFUSED, JobConfig, ResumeError, ShapeConfig, SourceError, run_job, run_ray_job
 
     try:
+        check_device(args.device)
         shape = ShapeConfig(shape=args.shape, id_field=args.id_field, messages_field=args.messages_field,
                             prompt_field=args.prompt_field, response_field=args.response_field,
                             responses_field=args.responses_field, chosen_field=args.chosen_field,

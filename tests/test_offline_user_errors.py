@@ -158,3 +158,25 @@ def test_rerun_after_deleting_the_output_says_what_is_left(tmp_path, tiny_model,
     err = _refused(capsys, *args)
     assert "this same finished job" in err and "another job" not in err
     assert main(list(map(str, args + ["--overwrite"]))) == 0 and out.exists()
+
+
+def test_a_device_this_machine_lacks_is_refused_in_one_line(tmp_path, tiny_model, rng, capsys):
+    import torch
+
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
+    bad = ["gpu"] + ([] if torch.cuda.is_available() else ["cuda"]) + [f"cuda:{torch.cuda.device_count()}"]
+    for device in bad:
+        for cmd in (["score", inp, "--output", tmp_path / "s.jsonl"], ["serve", "--port", "1"]):
+            err = _refused(capsys, *cmd, "--model", tiny_model("bt"), "--device", device)
+            assert f"--device {device}" in err or f"--device '{device}'" in err, err
+
+
+def test_a_job_that_fails_to_start_does_not_block_the_corrected_command(tmp_path, tiny_model, rng, capsys):
+    """The engine refuses a setting after the job opened its parts (here an unknown attention
+    backend): the fixed command must run, not be refused as 'settings differ from the interrupted job'."""
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
+    args = ["score", inp, "--model", tiny_model("bt"), "--output", tmp_path / "s.jsonl", "--quiet"]
+    err = _refused(capsys, *args, "--attention", "no-such-backend")
+    assert "no-such-backend" in err
+    assert not (tmp_path / "s.jsonl.parts").exists()
+    assert main(list(map(str, args))) == 0

@@ -227,7 +227,13 @@ def run_job(config: JobConfig) -> dict:
 
     if config.model.startswith("tiny:") and not config.quiet:
         print(f"note: {config.model} has random weights; its scores are meaningless", file=sys.stderr)
-    engine = Engine.from_pretrained(prep.model_dir, **asdict(config.engine))
+    try:
+        engine = Engine.from_pretrained(prep.model_dir, **asdict(config.engine))
+    except BaseException:
+        # Nothing scored yet: leave no manifest behind that would refuse the corrected command.
+        if not prep.committed:
+            prep.store.discard_if_empty()
+        raise
     start, before = time.perf_counter(), prep.store.manifest["seconds"]
     bar = progress(prep, config.quiet)
     tokens = 0

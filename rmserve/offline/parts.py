@@ -155,6 +155,11 @@ class PartStore:
         except (OSError, ValueError, AttributeError):
             return None
 
+    def discard_if_empty(self) -> None:
+        """Removes the parts directory when no part is committed (a job that failed to start)."""
+        if not self.manifest.get("parts"):
+            shutil.rmtree(self.dir, ignore_errors=True)
+
     def remove_all(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
         for path in (self.output, self.errors_path, self.summary_path):

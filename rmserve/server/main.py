@@ -55,12 +55,14 @@ def serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     from ..async_engine import AsyncEngine, BatchingConfig
+    from ..device_check import check_device
     from ..engine import Engine
 
     if args.max_items > args.max_pending:
         print(f"--max-items ({args.max_items}) cannot exceed --max-pending ({args.max_pending})", file=sys.stderr)
         return 2
     try:
+        check_device(args.device)
         engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
                                         max_length=args.max_length, max_batch_tokens=args.max_batch_tokens)
     except ValueError as e:   # ConfigError, CheckpointError, a bad setting: one line, not a traceback
