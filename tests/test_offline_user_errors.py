@@ -180,3 +180,17 @@ def test_a_job_that_fails_to_start_does_not_block_the_corrected_command(tmp_path
     assert "no-such-backend" in err
     assert not (tmp_path / "s.jsonl.parts").exists()
     assert main(list(map(str, args))) == 0
+
+
+def test_a_refused_resume_names_just_the_setting_that_differs(tmp_path, tiny_model, rng):
+    from rmserve.offline import ResumeError
+    from rmserve.offline.parts import PartStore
+
+    store = PartStore(str(tmp_path / "s.jsonl"), "jsonl")
+    key = {"input": "x", "engine": {"device": "cpu", "dtype": "auto", "bos": "one"}, "part_rows": 2}
+    store.open(key, {})
+    store.commit(0, {"rows": 2}, 1.0)
+    changed = dict(key, engine=dict(key["engine"], dtype="bfloat16"))
+    with pytest.raises(ResumeError) as e:
+        PartStore(str(tmp_path / "s.jsonl"), "jsonl").open(changed, {})
+    assert "engine.dtype: 'auto' then, 'bfloat16' now" in str(e.value) and "bos" not in str(e.value)

@@ -218,11 +218,23 @@ def _check_same(old: dict, new: dict, where: str) -> None:
     if old.get("input") != new.get("input"):
         what = "the input changed since this job started (its fingerprint differs)"
     else:
-        diffs = [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new))
-                 if old.get(k) != new.get(k)]
+        diffs = [f"{k}: {a!r} then, {b!r} now" for k, a, b in _differences(old, new)]
         what = "the model or settings differ from the interrupted job's (" + "; ".join(diffs) + ")"
     raise ResumeError(f"refusing to resume: {what}. Rerun with the original command, or pass --overwrite "
                       f"(or delete {where}) to start over")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) for every setting that differs, looking inside nested
+    settings (the engine's) so the message names `engine.device`, not two whole dicts."""
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append((prefix + k, a, b))
+    return out
 
 
 def _write_parquet(f, records: list[dict]) -> None:
