@@ -36,10 +36,12 @@ def test_sigkill_and_resume_equals_unbroken(tmp_path, tiny_model, rng):
         proc = popen(*_args(inp, out, model))
         before = max(0, committed_parts(out))
         deadline = time.monotonic() + 120
-        # wait for this run to commit at least one new part, then kill it at a random moment
-        while committed_parts(out) <= before and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0, 0.4))
+        # wait for this run to commit 1-3 new parts, then kill it at a random moment within the next
+        # one (a part takes ~30 ms here: a kill bounded in time, not parts, let a run finish the job)
+        target = before + rng.randint(1, 3)
+        while committed_parts(out) < target and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.03))
         if proc.poll() is not None:   # it finished before we could kill it
             break
         proc.send_signal(signal.SIGKILL)
