@@ -55,6 +55,8 @@ def resolve(model: str) -> str:
         return model
     if os.path.exists(model):
         raise CheckpointError(f"{model} is a file; pass the checkpoint directory")
+    if model.startswith(("/", "./", "../", "~")):
+        raise CheckpointError(f"no checkpoint directory at {model}")
     if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
         raise CheckpointError(f"{model} is neither a local directory nor a hub id (org/name)")
     from huggingface_hub import snapshot_download

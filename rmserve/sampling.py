@@ -35,7 +35,7 @@ def check_sampling(family: str, samples: int, seed: int) -> None:
         raise ValueError(f"seed must be an int in [0, 2^64), got {seed!r}")
     if samples and family not in SAMPLED_FAMILIES:
         raise ValueError(f"samples={samples}: only distributional heads ({', '.join(SAMPLED_FAMILIES)}) can be "
-                         f"sampled; a {family} model gives a point score")
+                         f"sampled; {family} models give a point score")
     if samples >= 2 ** 24:
         raise ValueError(f"samples={samples} is more than rmserve draws per sample (2^24)")
 
@@ -72,5 +72,5 @@ def add_samples(engine, encoded: Sequence[Encoded | InputError], results: list[S
         for j, i in enumerate(rows):
             out[i] = replace(results[i], score_samples=scores[j])
     else:
-        raise ValueError(f"a {engine.family} model has no distribution to sample")
+        raise ValueError(f"{engine.family} models have no distribution to sample")
     return out

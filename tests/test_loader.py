@@ -143,6 +143,8 @@ def test_no_config(tmp_path):
 def test_not_a_path_nor_hub_id(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="neither a local directory nor a hub id"):
         resolve("not a model")
+    with pytest.raises(CheckpointError, match="no checkpoint directory at ./typo"):
+        resolve("./typo")   # a path, not a hub id, even though it looks like org/name
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="could not fetch 'someone/not-here'"):
         resolve("someone/not-here")

@@ -201,7 +201,8 @@ def finish(prep: Prepared, seconds: float) -> dict:
 
 
 def report(summary: dict, quiet: bool) -> None:
-    line = (f"{summary['scored']} of {summary['rows']} rows scored, {summary['errors']} errors, "
+    errors = summary["errors"]
+    line = (f"{summary['scored']} of {summary['rows']} rows scored, {errors} error{'' if errors == 1 else 's'}, "
             f"{summary['tokens']} tokens")
     if summary.get("tokens_per_s"):
         line += f", {summary['rows_per_s']:.1f} rows/s, {summary['tokens_per_s']:.0f} tokens/s"
