@@ -234,7 +234,8 @@ def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng):
     model = tiny_model("bt")
     inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": random_conversation(rng)} for _ in range(6)])
     out = tmp_path / "out.parquet"
-    prepare(JobConfig(inp, str(out), model, engine=ENGINE, part_rows=2), "local")   # an interrupted job
+    with prepare(JobConfig(inp, str(out), model, engine=ENGINE, part_rows=2), "local"):   # an interrupted job
+        pass
     assert os.path.exists(str(out) + ".parts/manifest.json")
     with pytest.raises(ResumeError, match="max_batch_tokens"):
         _job(inp, out, model, engine=EngineConfig(dtype="float32", device="cpu", max_batch_tokens=999), part_rows=2)

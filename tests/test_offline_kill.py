@@ -64,3 +64,25 @@ def test_sigkill_and_resume_equals_unbroken(tmp_path, tiny_model, rng):
     for key in ("rows", "scored", "errors", "tokens"):
         assert sa[key] == sb[key]
     assert not (tmp_path / "killed.parquet.parts").exists()
+
+
+
+def test_a_second_run_of_a_running_job_is_refused(tmp_path, tiny_model, rng):
+    """Two runs of one job at once would both write its parts: while another process holds the
+    job's lock the CLI is refused at once; once it is released the job runs and leaves no lock
+    file. (A SIGKILLed run releases it too: the kill test above reruns after every kill.)"""
+    from rmserve.offline.parts import PartStore
+
+    model = tiny_model("armorm", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "messages": random_conversation(rng, max_turns=1, hi=4)}
+                                              for i in range(50)])
+    out = tmp_path / "out.parquet"
+    holder = PartStore(str(out), "parquet")   # stands for a running job: the same lock, held here
+    holder.lock()
+    second = cli(*_args(inp, out, model))
+    assert second.returncode == 2 and "another rmserve run is writing" in second.stderr, second.stderr
+    holder.unlock()
+    r = cli(*_args(inp, out, model))
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_parquet(out)) == 50
+    assert not (tmp_path / "out.parquet.lock").exists() and not (tmp_path / "out.parquet.parts").exists()

@@ -46,6 +46,7 @@ def test_ray_job_matches_single_process_and_resumes(tmp_path, tiny_model, rng):
     config = JobConfig(inp, str(out), model, engine=ENGINE, part_rows=PART_ROWS,
                        shape=ShapeConfig(shape="pair", id_field="pair_id"))
     prep = prepare(config, "ray")
+    prep.store.unlock()   # that job's process is gone, and its lock with it
     engine = Engine.from_pretrained(model, **asdict(ENGINE))
     for k, first, raws in part_rows(prep):
         if k in (0, 2):

@@ -93,6 +93,12 @@ class Prepared:
     def num_parts(self) -> int:
         return -(-self.num_rows // self.config.part_rows)
 
+    def __enter__(self) -> "Prepared":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.store.unlock()
+
 
 def prepare(config: JobConfig, runner: str) -> Prepared:
     """Read the input once (rows, fingerprint), resolve the row shape and the model, open the parts."""
@@ -116,12 +122,17 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
     key = json.loads(json.dumps(key, default=str))   # as the manifest stores it (tuples -> lists)
     info = {"input": config.input, "family": spec.family, "names": list(spec.head.names)}
     store = PartStore(config.output, fmt)
+    store.lock()   # held until the Prepared is closed (`with prepare(...) as prep`) or the process ends
     prep = Prepared(config, source, shape, store, key, info, num_rows, {}, mdir)
-    if not config.overwrite:
-        prep.done = store.finished(key)
-        if prep.done is not None:
-            return prep
-    prep.committed = store.open(key, info, overwrite=config.overwrite)
+    try:
+        if not config.overwrite:
+            prep.done = store.finished(key)
+            if prep.done is not None:
+                return prep
+        prep.committed = store.open(key, info, overwrite=config.overwrite)
+    except BaseException:
+        store.unlock()
+        raise
     return prep
 
 
@@ -219,48 +230,48 @@ def report(summary: dict, quiet: bool) -> None:
 
 def run_job(config: JobConfig) -> dict:
     """Runs (or resumes, or finds finished) the job; returns its summary (see `exit_code`)."""
-    prep = prepare(config, "local")
-    if prep.done is not None:
-        if not config.quiet:
-            print(f"{config.output} is already complete (same input, model and settings)", file=sys.stderr)
-        return prep.done
-    from ..engine import Engine
+    with prepare(config, "local") as prep:
+        if prep.done is not None:
+            if not config.quiet:
+                print(f"{config.output} is already complete (same input, model and settings)", file=sys.stderr)
+            return prep.done
+        from ..engine import Engine
 
-    if config.model.startswith("tiny:") and not config.quiet:
-        print(f"note: {config.model} has random weights; its scores are meaningless", file=sys.stderr)
-    try:
-        engine = Engine.from_pretrained(prep.model_dir, **asdict(config.engine))
-    except BaseException:
-        # Nothing scored yet: leave no manifest behind that would refuse the corrected command.
-        if not prep.committed:
-            prep.store.discard_if_empty()
-        raise
-    start, before = time.perf_counter(), prep.store.manifest["seconds"]
-    bar = progress(prep, config.quiet)
-    tokens = 0
-    parts = part_rows(prep)
+        if config.model.startswith("tiny:") and not config.quiet:
+            print(f"note: {config.model} has random weights; its scores are meaningless", file=sys.stderr)
+        try:
+            engine = Engine.from_pretrained(prep.model_dir, **asdict(config.engine))
+        except BaseException:
+            # Nothing scored yet: leave no manifest behind that would refuse the corrected command.
+            if not prep.committed:
+                prep.store.discard_if_empty()
+            raise
+        start, before = time.perf_counter(), prep.store.manifest["seconds"]
+        bar = progress(prep, config.quiet)
+        tokens = 0
+        parts = part_rows(prep)
 
-    def encode_next():   # runs on the tokenizer thread: one part ahead of the device
-        nxt = next(parts, None)
-        if nxt is None:
-            return None
-        k, first, raws = nxt
-        return k, first, len(raws), encode_rows(engine.encode, [make_row(prep.shape, first + j, raw)
-                                                               for j, raw in enumerate(raws)])
+        def encode_next():   # runs on the tokenizer thread: one part ahead of the device
+            nxt = next(parts, None)
+            if nxt is None:
+                return None
+            k, first, raws = nxt
+            return k, first, len(raws), encode_rows(engine.encode, [make_row(prep.shape, first + j, raw)
+                                                                   for j, raw in enumerate(raws)])
 
-    try:
-        with ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize") as pool:
-            ahead = pool.submit(encode_next)
-            while (got := ahead.result()) is not None:
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="rmserve-tokenize") as pool:
                 ahead = pool.submit(encode_next)
-                k, first, n, enc = got
-                results = score_samples(engine, enc.encoded, enc.groups, config.samples, config.seed)
-                out = build_outputs(prep.shape, enc, results, first, n)
-                prep.store.write_part(k, out.records, out.errors)
-                prep.store.commit(k, out.stats, before + time.perf_counter() - start)
-                tokens += out.stats["tokens"]
-                bar.update(n)
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
-    finally:
-        bar.close()
-    return finish(prep, before + time.perf_counter() - start)
+                while (got := ahead.result()) is not None:
+                    ahead = pool.submit(encode_next)
+                    k, first, n, enc = got
+                    results = score_samples(engine, enc.encoded, enc.groups, config.samples, config.seed)
+                    out = build_outputs(prep.shape, enc, results, first, n)
+                    prep.store.write_part(k, out.records, out.errors)
+                    prep.store.commit(k, out.stats, before + time.perf_counter() - start)
+                    tokens += out.stats["tokens"]
+                    bar.update(n)
+                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+        finally:
+            bar.close()
+        return finish(prep, before + time.perf_counter() - start)

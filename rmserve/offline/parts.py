@@ -95,7 +95,33 @@ class PartStore:
         self.manifest_path = os.path.join(self.dir, "manifest.json")
         self.errors_path = output + ".errors.jsonl"
         self.summary_path = output + ".summary.json"
+        self.lock_path = output + ".lock"
         self.manifest: dict = {}
+        self._lock_fd: int | None = None
+
+    # ---- one run at a time ----
+    def lock(self) -> None:
+        """An exclusive lock on OUTPUT.lock, so two runs of a job never write one output at once.
+        The OS releases it when the process ends, however it ends (SIGKILL included)."""
+        import fcntl
+
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ResumeError(f"another rmserve run is writing {self.output} (it holds {self.lock_path}); "
+                              "wait for it to finish or stop it, then rerun") from None
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Releases the lock; the lock file goes too once no parts directory is left to guard."""
+        if self._lock_fd is None:
+            return
+        if not os.path.isdir(self.dir) and os.path.exists(self.lock_path):
+            os.remove(self.lock_path)
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     # ---- paths ----
     def part_path(self, k: int) -> str:

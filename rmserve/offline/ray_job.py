@@ -89,54 +89,54 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
     the cluster, else 1); actor_gpus: GPUs each (default 1 when the cluster has GPUs, else 0)."""
     import ray
 
-    prep = prepare(config, "ray")
-    if prep.done is not None:
-        if not config.quiet:
-            print(f"{config.output} is already complete (same input, model and settings)", file=sys.stderr)
-        return prep.done
-    start, before = time.perf_counter(), prep.store.manifest["seconds"]
-    todo = []
-    for k, first, raws in part_rows(prep):   # stage the raw rows of every uncommitted part
-        path = prep.store.stage_path(k)
-        if not os.path.exists(path):
-            blob = pickle.dumps((first, raws))
-            atomic_write(path, lambda f: f.write(blob))
-        todo.append(k)
+    with prepare(config, "ray") as prep:
+        if prep.done is not None:
+            if not config.quiet:
+                print(f"{config.output} is already complete (same input, model and settings)", file=sys.stderr)
+            return prep.done
+        start, before = time.perf_counter(), prep.store.manifest["seconds"]
+        todo = []
+        for k, first, raws in part_rows(prep):   # stage the raw rows of every uncommitted part
+            path = prep.store.stage_path(k)
+            if not os.path.exists(path):
+                blob = pickle.dumps((first, raws))
+                atomic_write(path, lambda f: f.write(blob))
+            todo.append(k)
 
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, logging_level="WARNING", log_to_driver=not config.quiet, **(init_kwargs or {}))
-    try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.execution_options.preserve_order = False
-        gpus = ray.cluster_resources().get("GPU", 0)
-        actors = actors or max(1, int(gpus))
-        actor_gpus = (1.0 if gpus else 0.0) if actor_gpus is None else actor_gpus
-        settings = tuple(sorted(asdict(config.engine).items()))
-        if actor_gpus == 0 and config.engine.device is None:
-            settings = tuple(sorted(asdict(replace(config.engine, device="cpu")).items()))
-        common: dict[str, Any] = {"model": config.model, "engine_settings": settings, "shape": prep.shape}
-        bar = progress(prep, config.quiet)
-        tokens = 0
-        if todo:
-            ds = ray.data.from_items([{"part": k} for k in todo], override_num_blocks=len(todo))
-            ds = ds.map_batches(_tokenize, batch_size=1, num_cpus=TOKENIZE_CPUS, batch_format="numpy",
-                                fn_kwargs={**common, "parts_dir": prep.store.dir})
-            ds = ds.map_batches(_ScoreActor, batch_size=1, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(size=actors),
-                                num_cpus=actor_cpus, num_gpus=actor_gpus,
-                                fn_constructor_kwargs={**common, "output": config.output, "fmt": prep.store.fmt,
-                                                       "threads": max(1, int(actor_cpus)),
-                                                       "samples": config.samples, "seed": config.seed})
-            for row in ds.iter_rows():
-                k, stats = int(row["part"]), json.loads(row["stats"])
-                prep.store.commit(k, stats, before + time.perf_counter() - start)
-                tokens += stats["tokens"]
-                bar.update(stats["rows"])
-                bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
-        bar.close()
-    finally:
+        started_here = not ray.is_initialized()
         if started_here:
-            ray.shutdown()
-    return finish(prep, before + time.perf_counter() - start)
+            ray.init(address=address, logging_level="WARNING", log_to_driver=not config.quiet, **(init_kwargs or {}))
+        try:
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.execution_options.preserve_order = False
+            gpus = ray.cluster_resources().get("GPU", 0)
+            actors = actors or max(1, int(gpus))
+            actor_gpus = (1.0 if gpus else 0.0) if actor_gpus is None else actor_gpus
+            settings = tuple(sorted(asdict(config.engine).items()))
+            if actor_gpus == 0 and config.engine.device is None:
+                settings = tuple(sorted(asdict(replace(config.engine, device="cpu")).items()))
+            common: dict[str, Any] = {"model": config.model, "engine_settings": settings, "shape": prep.shape}
+            bar = progress(prep, config.quiet)
+            tokens = 0
+            if todo:
+                ds = ray.data.from_items([{"part": k} for k in todo], override_num_blocks=len(todo))
+                ds = ds.map_batches(_tokenize, batch_size=1, num_cpus=TOKENIZE_CPUS, batch_format="numpy",
+                                    fn_kwargs={**common, "parts_dir": prep.store.dir})
+                ds = ds.map_batches(_ScoreActor, batch_size=1, batch_format="numpy",
+                                    compute=ray.data.ActorPoolStrategy(size=actors),
+                                    num_cpus=actor_cpus, num_gpus=actor_gpus,
+                                    fn_constructor_kwargs={**common, "output": config.output, "fmt": prep.store.fmt,
+                                                           "threads": max(1, int(actor_cpus)),
+                                                           "samples": config.samples, "seed": config.seed})
+                for row in ds.iter_rows():
+                    k, stats = int(row["part"]), json.loads(row["stats"])
+                    prep.store.commit(k, stats, before + time.perf_counter() - start)
+                    tokens += stats["tokens"]
+                    bar.update(stats["rows"])
+                    bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
+            bar.close()
+        finally:
+            if started_here:
+                ray.shutdown()
+        return finish(prep, before + time.perf_counter() - start)
