@@ -11,7 +11,7 @@ from .inputs import Encoded, InputError, Preprocessor
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
-from .packing import PackedBatch, pack, plan_batches
+from .packing import PackedBatch, pack
 from .prefix import score_shared
 from .results import ScoreResult
 from .sampling import add_samples, check_sampling
@@ -135,20 +135,12 @@ class Engine:
 
     def score_encoded(self, encoded: Sequence[Encoded | InputError],
                       groups: Sequence[Any] | None = None) -> list[ScoreResult]:
-        if self.config.share_prefix:
-            return score_shared(self, encoded, groups)
-        results: list[ScoreResult | None] = [None] * len(encoded)
-        good = [i for i, e in enumerate(encoded) if isinstance(e, Encoded)]
-        for i, e in enumerate(encoded):
-            if not isinstance(e, Encoded):
-                results[i] = ScoreResult(error=str(e))
-        lengths = [len(encoded[i]) for i in good]
-        for group in plan_batches(lengths, self.config.max_batch_tokens, self.config.max_batch_seqs):
-            items = [encoded[good[j]] for j in group]
-            outputs = self.run_batch(items)
-            for row, j in enumerate(group):
-                results[good[j]] = self._result(outputs, row, len(items[row]))
-        return results  # type: ignore[return-value]
+        """Encoded samples (or their input errors) -> results in input order. groups: see `score`.
+        With share_prefix off every sample stands alone, and the planner then gives exactly
+        packing.plan_batches' batches (tests/test_prefix.py)."""
+        if not self.config.share_prefix:
+            groups = [None] * len(encoded)
+        return score_shared(self, encoded, groups)
 
     def score_stream(self, conversations: Iterable[Any]) -> Iterator[tuple[int, ScoreResult]]:
         """Score a stream of any length with bounded memory: yields (index, ScoreResult) for every
