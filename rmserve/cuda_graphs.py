@@ -205,10 +205,11 @@ class GraphRunner:
         return {k: v[:s].clone() for k, v in outputs.items()}
 
 
-def prepare_cuda(engine) -> tuple[int, GraphRunner | None]:
+def prepare_cuda(engine) -> tuple[int, int, GraphRunner | None]:
     """For an Engine on CUDA: the token budget chosen from free memory (memory.py), capped by
-    max_batch_tokens, then the graph runner over a ladder up to that budget (None with enforce_eager)."""
-    from .memory import cuda_batch_budget
+    max_batch_tokens, the longest sample memory allows, then the graph runner over a ladder up
+    to that budget (None with enforce_eager)."""
+    from .memory import cuda_memory_plan
 
     cfg = engine.config
     use_graphs = not cfg.enforce_eager
@@ -216,11 +217,11 @@ def prepare_cuda(engine) -> tuple[int, GraphRunner | None]:
         raise ValueError(f"attention '{engine.attention}' cannot run inside a CUDA graph (it reads cu_seqlens on "
                          f"the host); use one of {CAPTURABLE_ATTENTION} (fp16/bf16 only) or enforce_eager=True")
     needs_gate = engine.model.head.needs_gate
-    budget = cuda_batch_budget(engine.forward_eager, needs_gate, engine.device, cfg.max_batch_tokens,
-                               cfg.gpu_memory_utilization, copies=2 if use_graphs else 1)
+    budget, longest = cuda_memory_plan(engine.forward_eager, needs_gate, engine.device, cfg.max_batch_tokens,
+                                       cfg.gpu_memory_utilization, graphs=use_graphs)
     if not use_graphs:
-        return budget, None
+        return budget, longest, None
     buckets = bucket_ladder(budget, cfg.max_length, cfg.max_batch_seqs)
     runner = GraphRunner(engine.forward_eager, buckets, needs_gate, engine.device, CudaGraphCapture(engine.device))
     torch.cuda.empty_cache()   # the warm-ups' memory; the graphs keep theirs in their pool
-    return budget, runner
+    return budget, longest, runner

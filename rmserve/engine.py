@@ -49,6 +49,28 @@ class EngineConfig:
     lookahead: int = 2048                # score_stream: samples sorted by length together (bounds memory)
     kernels: str = "auto"                # auto: Triton kernels on CUDA, PyTorch refs elsewhere; triton | torch
 
+    def __post_init__(self):
+        """Every choice and range checked here, before a model loads or a Ray job starts its actors
+        (the device's presence is checked where it is used: a Ray driver may have no GPU)."""
+        from .inputs import BOS_POLICIES
+        from .kernels.dispatch import KERNEL_CHOICES
+        from .model.attention import BACKENDS
+
+        choices = {"dtype": (*DTYPES, "auto"), "attention": (*BACKENDS, "auto"), "bos": BOS_POLICIES,
+                   "kernels": KERNEL_CHOICES}
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if not (name == "dtype" and isinstance(value, torch.dtype)) and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, allowed))}; got {value!r}")
+        positive = {"max_batch_tokens": self.max_batch_tokens, "max_batch_seqs": self.max_batch_seqs,
+                    "max_length": self.max_length, "share_min_tokens": self.share_min_tokens,
+                    "tokenizer_threads": self.tokenizer_threads, "lookahead": self.lookahead}
+        for name, value in positive.items():
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
 
 def load_tokenizer(model_dir: str):
     from transformers import AutoTokenizer
@@ -56,12 +78,24 @@ def load_tokenizer(model_dir: str):
     return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
 
 
-def make_preprocessor(spec: ModelSpec, tokenizer, config: EngineConfig) -> Preprocessor:
+def length_limit(spec: ModelSpec, config: EngineConfig, memory_tokens: int | None = None) -> tuple[int, str]:
+    """The longest sample an engine takes, and what sets it (for the too-long error): the model's
+    positions, the user's max_length, or (CUDA) the tokens one forward may hold in the GPU memory
+    the engine may use (memory.longest_sample)."""
+    limit = min(config.max_length or spec.max_position_embeddings, spec.max_position_embeddings)
+    if memory_tokens is not None and memory_tokens < limit:
+        return memory_tokens, (f"the {memory_tokens} tokens one forward may hold in GPU memory "
+                               f"(gpu_memory_utilization={config.gpu_memory_utilization})")
+    return limit, f"the model's maximum of {limit}"
+
+
+def make_preprocessor(spec: ModelSpec, tokenizer, config: EngineConfig,
+                      memory_tokens: int | None = None) -> Preprocessor:
     """The input side of an engine: its tokenizer, BOS policy, length cap and gating need."""
     from .heads import HEADS
 
-    limit = spec.max_position_embeddings
-    return Preprocessor(tokenizer, bos=config.bos, max_length=min(config.max_length or limit, limit),
+    max_length, what = length_limit(spec, config, memory_tokens)
+    return Preprocessor(tokenizer, bos=config.bos, max_length=max_length, length_limit=what,
                         needs_gate=HEADS[spec.family].needs_gate, chat_template=config.chat_template,
                         vocab_size=spec.vocab_size)
 
@@ -79,9 +113,8 @@ class Engine:
         self.spec = model.spec
         self.device = next(model.backbone.parameters()).device
         self.dtype = model.backbone.embed_tokens.weight.dtype
-        limit = self.spec.max_position_embeddings
         self.config = replace(config, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
-                              max_length=min(config.max_length or limit, limit))
+                              max_length=length_limit(self.spec, config)[0])
         self.attention, attn = select_attention(config.attention, self.device, self.dtype)
         model.backbone.attn = attn
         self.ops = select_kernels(config.kernels, self.device)   # before any CUDA graph is captured
@@ -89,12 +122,14 @@ class Engine:
         model.head.use_kernels(self.ops)
         self.config = replace(self.config, kernels=self.ops.name)
         self.graphs = None   # CUDA: the batch budget comes from free memory, then graphs are captured
+        memory_tokens = None
         if self.device.type == "cuda":
             from .cuda_graphs import prepare_cuda
 
-            budget, self.graphs = prepare_cuda(self)
-            self.config = replace(self.config, max_batch_tokens=budget)
-        self.preprocessor = make_preprocessor(self.spec, tokenizer, config)
+            budget, memory_tokens, self.graphs = prepare_cuda(self)
+            self.config = replace(self.config, max_batch_tokens=budget,
+                                  max_length=length_limit(self.spec, config, memory_tokens)[0])
+        self.preprocessor = make_preprocessor(self.spec, tokenizer, config, memory_tokens)
 
     @classmethod
     def from_pretrained(cls, model: str, **settings: Any) -> "Engine":
@@ -138,9 +173,20 @@ class Engine:
         """Encoded samples (or their input errors) -> results in input order. groups: see `score`.
         With share_prefix off every sample stands alone, and the planner then gives exactly
         packing.plan_batches' batches (tests/test_prefix.py)."""
+        encoded = [self._fits(e) for e in encoded]
         if not self.config.share_prefix:
             groups = [None] * len(encoded)
         return score_shared(self, encoded, groups)
+
+    def _fits(self, e: Encoded | InputError) -> Encoded | InputError:
+        """Samples encoded elsewhere (a Ray job's tokenizer stage, another engine) are held to this
+        engine's length limit too: on a GPU it is what memory allows."""
+        if isinstance(e, Encoded):
+            try:
+                self.preprocessor.check_length(len(e))
+            except InputError as err:
+                return err
+        return e
 
     def score_stream(self, conversations: Iterable[Any]) -> Iterator[tuple[int, ScoreResult]]:
         """Score a stream of any length with bounded memory: yields (index, ScoreResult) for every

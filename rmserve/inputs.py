@@ -68,7 +68,8 @@ class Preprocessor:
     """Turns conversations or token ids into Encoded samples for one checkpoint."""
 
     def __init__(self, tokenizer, *, bos: str = "one", max_length: int, needs_gate: bool,
-                 chat_template: str | None = None, vocab_size: int | None = None):
+                 chat_template: str | None = None, vocab_size: int | None = None,
+                 length_limit: str | None = None):
         if bos not in BOS_POLICIES:
             raise ValueError(f"bos policy must be one of {BOS_POLICIES}, got {bos!r}")
         if tokenizer.bos_token_id is None and bos == "one":
@@ -79,6 +80,8 @@ class Preprocessor:
         self.bos = bos
         self.bos_id = tokenizer.bos_token_id
         self.max_length = max_length
+        # what max_length is, for the too-long error
+        self.length_limit = length_limit or f"the model's maximum of {max_length}"
         self.vocab_size = vocab_size   # pre-tokenized ids are checked against it (None: unchecked)
         self.needs_gate = needs_gate
         self.chat_template = chat_template
@@ -96,12 +99,15 @@ class Preprocessor:
             start += 1
         return [self.bos_id] + ids[start:]
 
+    def check_length(self, n: int) -> None:
+        if n > self.max_length:
+            raise InputError(f"{n} tokens, longer than {self.length_limit}")
+
     def finish(self, ids: Sequence[int]) -> Encoded:
         """Length and gating checks on final token ids."""
         if len(ids) == 0:
             raise InputError("no tokens")
-        if len(ids) > self.max_length:
-            raise InputError(f"{len(ids)} tokens, longer than the model's maximum of {self.max_length}")
+        self.check_length(len(ids))
         if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise InputError(f"token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1})")

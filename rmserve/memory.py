@@ -4,7 +4,8 @@ allows, capped by the engine's `max_batch_tokens`.
 Activation memory grows linearly with the batch's tokens (varlen attention keeps no T x T
 matrix), so one eager forward on a probe batch measures the bytes a token needs. With CUDA
 graphs, the graphs' shared pool holds one largest-bucket forward and eager fallbacks need a
-second, so two copies must fit.
+second, so two copies must fit. A single sample longer than the budget runs eagerly in what is
+left (`longest_sample`); a longer one is refused as an input error (engine.length_limit).
 """
 from __future__ import annotations
 
@@ -47,13 +48,21 @@ def bytes_per_token(forward: Callable[[PackedBatch], dict], needs_gate: bool, de
     return (torch.cuda.max_memory_allocated(device) - base) / probe_tokens
 
 
-def cuda_batch_budget(forward: Callable[[PackedBatch], dict], needs_gate: bool, device: torch.device,
-                      cap: int, utilization: float, copies: int) -> int:
-    """The token budget on `device` given the fraction of its memory this engine may use in all."""
+def longest_sample(free_bytes: float, bytes_per_token: float, budget: int, graphs: bool) -> int:
+    """The most tokens one sample may have: a sample longer than the budget runs eagerly on its
+    own, beside the graphs' pool (which holds one budget-sized forward) when graphs are on."""
+    return int(free_bytes // bytes_per_token) - (budget if graphs else 0)
+
+
+def cuda_memory_plan(forward: Callable[[PackedBatch], dict], needs_gate: bool, device: torch.device,
+                     cap: int, utilization: float, graphs: bool) -> tuple[int, int]:
+    """(token budget of a batch, longest sample) on `device`, given the fraction of its memory this
+    engine may use in all."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     per_token = bytes_per_token(forward, needs_gate, device)
     torch.cuda.empty_cache()
     free, total = torch.cuda.mem_get_info(device)
     usable = utilization * total - (total - free)   # what others and our weights hold is gone
-    return budget_from_memory(usable, per_token, cap, copies)
+    budget = budget_from_memory(usable, per_token, cap, copies=2 if graphs else 1)
+    return budget, longest_sample(usable, per_token, budget, graphs)

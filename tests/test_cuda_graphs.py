@@ -7,7 +7,7 @@ import torch
 
 from rmserve import Engine
 from rmserve.cuda_graphs import Bucket, GraphRunner, StaticInputs, bucket_ladder, choose_bucket
-from rmserve.memory import GRANULARITY, budget_from_memory, probe_batch
+from rmserve.memory import GRANULARITY, budget_from_memory, longest_sample, probe_batch
 from rmserve.packing import pack
 
 from .helpers import random_conversation
@@ -168,6 +168,17 @@ def test_engine_dispatches_through_the_runner(tiny_model, rng):
     for a, b in zip(graphed, eager):
         torch.testing.assert_close(torch.tensor(a.quantiles), torch.tensor(b.quantiles), rtol=RTOL, atol=ATOL)
         assert a.score == pytest.approx(b.score, rel=RTOL, abs=ATOL)
+
+
+def test_longest_sample():
+    """What one eager forward may hold: all usable memory without graphs; with graphs, what the
+    pool's budget-sized forward leaves (never less than the budget, as two copies fit)."""
+    kib = 2**10
+    budget = budget_from_memory(2**30, 64 * kib, cap=1 << 20, copies=2)
+    assert longest_sample(2**30, 64 * kib, budget, graphs=True) == 16384 - 8192
+    assert longest_sample(2**30, 64 * kib, 4096, graphs=False) == 16384
+    assert longest_sample(2**30, 64 * kib, budget_from_memory(2**30, 64 * kib, cap=4096, copies=2),
+                          graphs=True) == 16384 - 4096
 
 
 def test_budget_from_memory():

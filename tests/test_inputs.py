@@ -107,6 +107,39 @@ def test_max_length_defaults_to_model_limit(tiny_model):
     assert "maximum of 50" in res[0].error
 
 
+def test_samples_encoded_elsewhere_meet_the_engines_limit(tiny_model):
+    """score_encoded holds pre-encoded samples (a Ray job's tokenizer stage, another engine's
+    encode) to this engine's length limit, as encode would."""
+    path = tiny_model("bt", max_position_embeddings=200)
+    big = Engine.from_pretrained(path, dtype="float32", device="cpu")
+    small = Engine.from_pretrained(path, dtype="float32", device="cpu", max_length=40)
+    long = [{"role": "user", "content": "the cat " * 20}, {"role": "assistant", "content": "ok"}]
+    encoded = big.encode([long, CONV])
+    assert isinstance(encoded[0], Encoded) and len(encoded[0]) > 40
+    res = small.score_encoded(encoded)
+    assert f"{len(encoded[0])} tokens, longer than the model's maximum of 40" == res[0].error
+    assert res[1].ok and res[1].score == pytest.approx(big.score([CONV])[0].score, rel=1e-5, abs=1e-6)
+
+
+def test_gpu_memory_caps_the_sample_length(tiny_model):
+    """On CUDA the longest sample is what one forward may hold beside the graphs
+    (memory.longest_sample); the error says so. The limit logic itself runs anywhere."""
+    from rmserve.config import load_spec
+    from rmserve.engine import EngineConfig, length_limit, make_preprocessor
+
+    path = tiny_model("bt", max_position_embeddings=200)
+    spec, cfg = load_spec(path), EngineConfig(gpu_memory_utilization=0.5)
+    assert length_limit(spec, cfg) == (200, "the model's maximum of 200")
+    assert length_limit(spec, cfg, memory_tokens=1000) == (200, "the model's maximum of 200")
+    n, what = length_limit(spec, cfg, memory_tokens=40)
+    assert n == 40 and what == "the 40 tokens one forward may hold in GPU memory (gpu_memory_utilization=0.5)"
+    pre = make_preprocessor(spec, AutoTokenizer.from_pretrained(path), cfg, memory_tokens=40)
+    long = [{"role": "user", "content": "the cat " * 20}, {"role": "assistant", "content": "ok"}]
+    bad, good = pre.encode_many([long, CONV])
+    assert isinstance(bad, InputError) and str(bad).endswith("longer than " + what)
+    assert isinstance(good, Encoded)
+
+
 def test_check_conversation_returns_plain_messages():
     msgs = check_conversation([{"role": "user", "content": "a", "name": "x"}, {"role": "assistant", "content": "b"}])
     assert msgs == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]

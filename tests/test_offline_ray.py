@@ -5,6 +5,7 @@ from dataclasses import asdict
 
 import pandas as pd
 import pytest
+import torch
 
 from rmserve import Engine, EngineConfig
 from rmserve.offline import JobConfig, ShapeConfig
@@ -66,3 +67,23 @@ def test_ray_job_matches_single_process_and_resumes(tmp_path, tiny_model, rng):
     for key in ("rows", "scored", "errors", "tokens", "pairs"):
         assert sa[key] == sb[key], key
     assert sb["errors"] == len(range(0, ROWS, 41)) and sb["pair_accuracy"] == pytest.approx(sa["pair_accuracy"])
+
+
+def test_ray_job_whose_actors_cannot_start_leaves_nothing_behind(tmp_path, tiny_model, rng):
+    """An engine actor that fails in its constructor (an attention backend the worker cannot run)
+    fails the job with the reason, and leaves no manifest or staged rows that would refuse the
+    corrected command as a changed resume."""
+    if torch.cuda.is_available():
+        pytest.skip("needs an attention backend that this machine cannot run")
+    model = tiny_model("bt", hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64)
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": random_conversation(rng, max_turns=1, hi=6)}
+                                              for _ in range(6)])
+    out = tmp_path / "s.jsonl"
+    args = ("--model", model, "--output", out, "--part-rows", 3, "--device", "cpu", "--quiet", "--ray",
+            "--actors", 1, "--actor-cpus", 0.5)
+    r = cli("score", inp, *args, "--attention", "torch_varlen", timeout=300)
+    assert r.returncode != 0 and "attention backend 'torch_varlen' is not available on cpu" in r.stderr
+    assert not (tmp_path / "s.jsonl.parts").exists() and not out.exists()
+    r = cli("score", inp, *args, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(read_jsonl(out)) == 6

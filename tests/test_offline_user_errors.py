@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from rmserve.cli import main
 from rmserve.offline import EXIT_REFUSED, JobConfig, run_job
@@ -172,13 +173,18 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line(tmp_path, tiny_model
 
 
 def test_a_job_that_fails_to_start_does_not_block_the_corrected_command(tmp_path, tiny_model, rng, capsys):
-    """The engine refuses a setting after the job opened its parts (here an unknown attention
-    backend): the fixed command must run, not be refused as 'settings differ from the interrupted job'."""
+    """The engine refuses a setting after the job opened its parts (here an attention backend this
+    machine cannot run): the fixed command must run, not be refused as 'settings differ from the
+    interrupted job'. A setting that is simply invalid is refused before anything is opened."""
     inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
     args = ["score", inp, "--model", tiny_model("bt"), "--output", tmp_path / "s.jsonl", "--quiet"]
     err = _refused(capsys, *args, "--attention", "no-such-backend")
-    assert "no-such-backend" in err
+    assert "attention must be one of flash_attn, torch_varlen, reference, auto; got 'no-such-backend'" in err
     assert not (tmp_path / "s.jsonl.parts").exists()
+    if not torch.cuda.is_available():
+        err = _refused(capsys, *args, "--attention", "torch_varlen")
+        assert "attention backend 'torch_varlen' is not available on cpu" in err
+        assert not (tmp_path / "s.jsonl.parts").exists()
     assert main(list(map(str, args))) == 0
 
 

@@ -105,6 +105,6 @@ def select_attention(name: str, device: torch.device, dtype: torch.dtype | None 
         raise ValueError(f"unknown attention backend '{name}', expected one of {BACKENDS} or 'auto'")
     if name not in found:
         on = device if dtype is None else f"{device} in {str(dtype).replace('torch.', '')}"
-        raise RuntimeError(f"attention backend '{name}' is not available on {on} (available: {found})")
+        raise ValueError(f"attention backend '{name}' is not available on {on} (available: {found})")
     fn = {"flash_attn": _flash_attn, "torch_varlen": _torch_varlen}.get(name, lambda: attention_ref)()
     return name, fn

@@ -136,6 +136,11 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
                     bar.update(stats["rows"])
                     bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):.0f} tok/s", refresh=False)
             bar.close()
+        except BaseException:
+            # Nothing committed (an engine actor that could not start, say): leave no manifest or
+            # staged rows behind that would refuse the corrected command, as the local job does.
+            prep.store.discard_if_empty()
+            raise
         finally:
             if started_here:
                 ray.shutdown()
