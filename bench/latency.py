@@ -23,22 +23,6 @@ import rmbench
 from rmserve.packing import pack
 
 
-def copy_bandwidth(device: str, gib: float = 1.0) -> float:
-    """Bytes/s of one read plus one write, from a large device copy."""
-    n = int(gib * 2**30) // 4
-    x = torch.empty(n, dtype=torch.float32, device=device).fill_(1)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    rmbench.sync(device)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        y.copy_(x)
-        rmbench.sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * 4 / best
-
-
 def timed(fn, device: str, reps: int) -> list[float]:
     fn()
     rmbench.sync(device)
@@ -76,7 +60,7 @@ def main(argv=None) -> int:
     model = rmbench.random_model(cfg, args.device, dtype)
     tokenizer = rmbench.load_tokenizer() or rmbench.fallback_tokenizer()
     peak = rmbench.matmul_peak(args.device, dtype)
-    bandwidth = copy_bandwidth(args.device)
+    bandwidth = rmbench.copy_bandwidth(args.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.backbone.parameters()
                        if p is not model.backbone.embed_tokens.weight)
     compute_floor = rmbench.flops_per_sample(cfg, args.tokens) / peak

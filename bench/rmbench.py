@@ -260,6 +260,23 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int | None = None, reps: int
     return 2 * n ** 3 / best
 
 
+def copy_bandwidth(device: str, gib: float | None = None) -> float:
+    """Bytes/s of one read plus one write, from a large device copy (1 GiB on CUDA, 256 MiB on CPU)."""
+    gib = gib or (1.0 if device.startswith("cuda") else 0.25)
+    n = int(gib * 2**30) // 4
+    x = torch.empty(n, dtype=torch.float32, device=device).fill_(1)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(device)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        y.copy_(x)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
 @torch.inference_mode()
 def hf_score(hf, samples: list[list[int]], batch_size: int, order: str, device: str) -> tuple[list[float], int]:
     """Scores with padded batches (right padding, attention mask) in `order` ("input" or "sorted"
@@ -297,9 +314,11 @@ def rmserve_score(engine: Engine, samples: list[list[int]]) -> list[float]:
 
 
 def environment(device: str) -> dict:
+    """Device, date, commit (RMSERVE_COMMIT when set: a device machine gets the tree without .git)."""
+    commit = os.environ.get("RMSERVE_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=HERE, check=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                          cwd=HERE, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     if device.startswith("cuda"):
