@@ -116,8 +116,14 @@ class Engine:
         self.config = replace(config, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                               max_length=length_limit(self.spec, config)[0])
         self.attention, attn = select_attention(config.attention, self.device, self.dtype)
-        model.backbone.attn = attn
         self.ops = select_kernels(config.kernels, self.device)   # before any CUDA graph is captured
+        choice = (self.attention, self.ops.name)
+        if model.runs_with not in (None, choice):
+            raise ValueError(f"this loaded model already runs attention={model.runs_with[0]}, kernels="
+                             f"{model.runs_with[1]} for another Engine, and its layers hold one choice; load it "
+                             f"again for attention={choice[0]}, kernels={choice[1]}")
+        model.runs_with = choice
+        model.backbone.attn = attn
         model.backbone.use_kernels(self.ops)
         model.head.use_kernels(self.ops)
         self.config = replace(self.config, kernels=self.ops.name)

@@ -47,6 +47,9 @@ class LoadedModel:
     backbone: LlamaBackbone
     head: nn.Module
     path: str
+    # (attention backend, kernels) of the Engine(s) running it: the layers hold one choice, so
+    # engines on one loaded model must agree (engine.py checks)
+    runs_with: tuple[str, str] | None = None
 
 
 def resolve(model: str) -> str:

@@ -75,3 +75,18 @@ def test_torch_varlen_adapter_without_scale(monkeypatch):
                                attention_ref(q, k, v, cu, cu, 4, 4, 16 ** -0.5), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="takes no scale"):
         fn(q, k, v, cu, cu, 4, 4, 0.5)
+
+
+def test_engines_on_one_loaded_model_must_agree_on_kernels(tiny_model):
+    """The layers hold one attention function and one set of ops: a second Engine with another
+    choice would silently change the first's, so it is refused; the same choice is shared."""
+    from rmserve import Engine
+    from rmserve.engine import EngineConfig, load_tokenizer
+
+    path = tiny_model("bt")
+    model, tok = load_model(path), load_tokenizer(path)
+    first = Engine(model, tok, EngineConfig(device="cpu", kernels="torch"))
+    Engine(model, tok, EngineConfig(device="cpu", kernels="torch", share_prefix=False))
+    with pytest.raises(ValueError, match="already runs attention=reference, kernels=torch"):
+        Engine(model, tok, EngineConfig(device="cpu", kernels="triton"))
+    assert first.model.backbone.layers[0].mlp.ops.name == "torch"
