@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh throughput  # 8B shape, BT head: rmserve (graphs and eager) vs transformers padded rows
 #   bash bench/gpu_session.sh profile     # 8B ArmoRM throughput, single-request latency, the batch profile
 #   bash bench/gpu_session.sh pytest      # pytest bench/ --benchmark-only (kernels and the same comparisons)
+#   bash bench/gpu_session.sh offline     # `rmserve score` on HH-RLHF pairs, 8B layer shape (LAYERS=8), shared vs whole
 #
 # Logs and JSON go to $OUT (the device tool brings that folder back) or ./gpu_out. The real
 # workload is read from $RMSERVE_DATA (default out/data: copy ../shared/data/alpaca_eval_bon.jsonl.gz
@@ -13,7 +14,7 @@
 # synthetic lengths and say so. RMSERVE_COMMIT names the commit (the device gets no .git).
 # DEVICE=cpu runs every stage on the CPU with the small shape (a dry run of this script).
 set -uo pipefail
-stage=${1:?usage: bench/gpu_session.sh tests|throughput|profile|pytest}
+stage=${1:?usage: bench/gpu_session.sh tests|throughput|profile|pytest|offline}
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 py=${PYTHON:-python3}
@@ -53,9 +54,9 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
       $py -c "import flash_attn; print('flash_attn', flash_attn.__version__)" 2>&1 | tail -1
     } >"$out/env.txt" 2>&1
     cat "$out/env.txt"
-    run tests_gpu timeout 300 $py -m pytest -q -rfEs tests/gpu --junitxml="$out/tests_gpu.xml" || status=1
+    run tests_gpu timeout 240 $py -m pytest -q -rfEs tests/gpu --junitxml="$out/tests_gpu.xml" || status=1
     # CPU tests pin device="cpu" and need the Triton interpreter; tests that take the default device run on CUDA.
-    run tests_all env TRITON_INTERPRET=1 timeout 240 $py -m pytest -q -rfE tests --ignore=tests/gpu || status=1
+    run tests_all env TRITON_INTERPRET=1 timeout 300 $py -m pytest -q -rfE tests --ignore=tests/gpu || status=1
     ;;
   throughput)
     run throughput_bt $py bench/throughput.py "${size[@]}" --families bt --eager \
@@ -68,6 +69,21 @@ print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
     run profile $py bench/profile_batch.py "${size[@]}" --json "$out/profile.json" --trace "$out/trace.json" \
       || status=1
     [ -f "$out/trace.json" ] && gzip -f "$out/trace.json"
+    ;;
+  offline)   # the main command end to end: a sharded bf16 checkpoint of the 8B layer shape on disk, HH-RLHF pairs
+    ckpt=${CKPT:-/tmp/rmserve-armorm-8b-shape}
+    if [ "$device" = cpu ]; then shape='hidden=64, heads=4, kv_heads=2, intermediate=160, layers=2'
+    else shape="hidden=4096, heads=32, kv_heads=8, intermediate=14336, layers=${LAYERS:-8}, gating_hidden_dim=1024"; fi
+    run write_checkpoint $py -c "import torch; from rmserve.tiny import write_tiny_checkpoint; \
+write_tiny_checkpoint('$ckpt', 'armorm', $shape, dtype=torch.bfloat16, shards=4)" || status=1
+    pairs=$RMSERVE_DATA/hh_rlhf_harmless_test.jsonl.gz
+    for mode in shared whole; do
+      flag=(); [ $mode = whole ] && flag=(--no-share-prefix)
+      run "offline_$mode" $py -m rmserve.cli score "$pairs" --model "$ckpt" --output "/tmp/hh_$mode.parquet" \
+        --id-field pair_id --device "$device" --overwrite --quiet "${flag[@]}"
+      rc=$?; [ $rc = 0 ] || [ $rc = 3 ] || status=1   # 3: done, some rows could not be scored (listed)
+      cp "/tmp/hh_$mode.parquet.summary.json" "$out/offline_$mode.summary.json" 2>/dev/null
+    done
     ;;
   pytest)
     run pytest_bench timeout 540 $py -m pytest -q bench/ --benchmark-only --benchmark-json="$out/pytest_bench.json" \
