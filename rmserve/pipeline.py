@@ -6,12 +6,15 @@ memory and the host's work overlapped with the device's.
                                                        head outputs only -> async copy to pinned host, event
 
 One batch is in flight while the host packs the next and turns the previous one's outputs into
-results, so in steady state the device does not wait on the host.
+results, so in steady state the device does not wait on the host. With share_prefix on, each
+window is planned with shared prompts (rmserve/prefix.py): samples of the window that start with
+the same share_min_tokens+ tokens run their common prompt once.
 """
 from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import fields, replace
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -21,8 +24,9 @@ import torch
 
 from .inputs import Encoded, InputError
 from .packing import PackedBatch, pack
+from .prefix import Group, pack_shared, plan_call
 from .results import ScoreResult
-from .scheduler import stream_batches
+from .scheduler import stream_batches, stream_plans
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -68,12 +72,30 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     """A host batch on `device`: through pinned memory and non-blocking copies on CUDA."""
     if device.type != "cuda":
         return batch
+    moved = {f.name: getattr(batch, f.name).pin_memory().to(device, non_blocking=True)
+             for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
+    return replace(batch, **moved)
 
-    def move(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.pin_memory().to(device, non_blocking=True)
 
-    return PackedBatch(tokens=move(batch.tokens), positions=move(batch.positions), cu_seqlens=move(batch.cu_seqlens),
-                       max_seqlen=batch.max_seqlen, last_idx=move(batch.last_idx), gate_idx=move(batch.gate_idx))
+def shared_planner(engine: "Engine"):
+    """Plans a scheduler window with shared prefixes (prefix.plan_call, prompts found by equal
+    leading tokens): each batch's rows in group order, and its groups renumbered to those rows
+    (None when no group in the batch shares, so the batch takes the plain path)."""
+    cfg = engine.config
+
+    def plan(window: list[tuple[int, Encoded]]) -> list[tuple[list[int], list[Group] | None]]:
+        out = []
+        for groups in plan_call([e for _, e in window], None, min_shared=cfg.share_min_tokens,
+                                max_tokens=cfg.max_batch_tokens, max_seqs=cfg.max_batch_seqs):
+            rows: list[int] = []
+            local: list[Group] = []
+            for g in groups:
+                local.append(Group(tuple(range(len(rows), len(rows) + len(g.members))), g.prefix))
+                rows.extend(g.members)
+            out.append((rows, local if any(g.prefix for g in local) else None))
+        return out
+
+    return plan
 
 
 class _InFlight:
@@ -109,13 +131,20 @@ def score_stream(engine: "Engine", conversations: Iterable[Any]) -> Iterator[tup
             else:
                 errors.append((index, ScoreResult(error=str(enc))))
 
+    if cfg.share_min_tokens < 1:
+        raise ValueError(f"share_min_tokens must be at least 1, got {cfg.share_min_tokens}")
     inflight: deque[_InFlight] = deque()
-    batches = stream_batches(scorable(), lambda s: len(s[1]), cfg.max_batch_tokens, cfg.max_batch_seqs,
-                             cfg.lookahead)
-    for items in batches:
+    if cfg.share_prefix:
+        batches = stream_plans(scorable(), shared_planner(engine), cfg.lookahead)
+    else:
+        batches = ((items, None) for items in stream_batches(
+            scorable(), lambda s: len(s[1]), cfg.max_batch_tokens, cfg.max_batch_seqs, cfg.lookahead))
+    for items, groups in batches:
+        seqs = [e.ids for _, e in items]
         gates = [e.gate for _, e in items] if engine.model.head.needs_gate else None
-        batch = to_device(pack([e.ids for _, e in items], gates), engine.device)
-        inflight.append(_InFlight(items, engine.forward(batch), engine.device))
+        host = pack(seqs, gates) if groups is None else pack_shared(seqs, gates, groups)
+        # a shared-prefix batch has no graph bucket: Engine.forward runs it eagerly
+        inflight.append(_InFlight(items, engine.forward(to_device(host, engine.device)), engine.device))
         while errors:
             yield errors.popleft()
         if len(inflight) > 1:   # the batch just launched keeps the device busy meanwhile

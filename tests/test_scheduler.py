@@ -8,9 +8,9 @@ import torch
 
 from rmserve import Engine
 from rmserve.packing import plan_batches
-from rmserve.scheduler import stream_batches
+from rmserve.scheduler import stream_batches, stream_plans
 
-from .helpers import random_conversation
+from .helpers import random_conversation, random_text
 
 
 def random_lengths(rng, n):
@@ -103,3 +103,47 @@ def test_score_stream_is_lazy(tiny_model, rng):
     assert len({i for i, _ in got}) == 40 and all(r.ok for _, r in got)
     for i, r in got:   # the same conversation scores the same (up to batch neighbours)
         assert r.num_tokens == len(engine.encode([convs[i % 8]])[0])
+
+
+@pytest.mark.parametrize("family", ["bt", "armorm"])
+def test_score_stream_shares_prompts(tiny_model, rng, family):
+    """With share_prefix on, score_stream runs prompts common to samples of a window once
+    (windows smaller than the stream split some groups); every input comes back once, with
+    score's plain values (fp32: summation order only), bad inputs in place."""
+    engine = Engine.from_pretrained(tiny_model(family), dtype="float32", device="cpu", max_batch_tokens=400,
+                                    lookahead=11, share_min_tokens=4)
+    plain = Engine.from_pretrained(tiny_model(family), dtype="float32", device="cpu", share_prefix=False)
+    convs = []
+    for _ in range(12):   # prompts with 1..5 answers each, then shuffled together
+        prompt = random_conversation(rng, max_turns=2, hi=20)[:-1]
+        convs += [prompt + [{"role": "assistant", "content": random_text(rng, 1, 12)}]
+                  for _ in range(rng.randint(1, 5))]
+    rng.shuffle(convs)
+    convs.insert(5, [])
+    shared_batches = []
+    forward = engine.forward
+    engine.forward = lambda batch: (shared_batches.append(batch.kv_idx is not None), forward(batch))[1]
+    got = dict(engine.score_stream(iter(convs)))
+    assert sorted(got) == list(range(len(convs))) and any(shared_batches)
+    assert got[5].error == "empty conversation"
+    want = plain.score(convs)
+    for i, w in enumerate(want):
+        if i == 5:
+            continue
+        assert got[i].ok and got[i].num_tokens == w.num_tokens
+        assert got[i].score == pytest.approx(w.score, rel=1e-5, abs=1e-5)
+        if family == "armorm":
+            torch.testing.assert_close(torch.tensor(got[i].gating), torch.tensor(w.gating), rtol=1e-5, atol=1e-5)
+
+
+def test_stream_plans_carries_the_last_batch_once(rng):
+    """Any planner: the window's last batch waits for the next window once, then goes."""
+    def plan(window):   # batches of 3 in window order, the batch keeps its own samples
+        return [(list(range(i, min(i + 3, len(window)))), [window[j] for j in range(i, min(i + 3, len(window)))])
+                for i in range(0, len(window), 3)]
+
+    out = list(stream_plans(range(20), plan, lookahead=7))
+    assert all(items == extra for items, extra in out)
+    assert sorted(i for items, _ in out for i in items) == list(range(20))
+    assert [items for items, _ in out] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14],
+                                           [15, 16, 17], [18, 19]]
