@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import fields, replace
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, replace
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -131,8 +131,6 @@ def score_stream(engine: "Engine", conversations: Iterable[Any]) -> Iterator[tup
             else:
                 errors.append((index, ScoreResult(error=str(enc))))
 
-    if cfg.share_min_tokens < 1:
-        raise ValueError(f"share_min_tokens must be at least 1, got {cfg.share_min_tokens}")
     inflight: deque[_InFlight] = deque()
     if cfg.share_prefix:
         batches = stream_plans(scorable(), shared_planner(engine), cfg.lookahead)

@@ -269,8 +269,6 @@ def score_shared(engine, encoded: Sequence[Encoded | InputError],
                  groups: Sequence[Hashable | None] | None = None) -> list[ScoreResult]:
     """Engine.score_encoded with shared prefixes. Batches where no group shares take the
     engine's plain path unchanged."""
-    if engine.config.share_min_tokens < 1:
-        raise ValueError(f"share_min_tokens must be at least 1, got {engine.config.share_min_tokens}")
     if groups is not None and len(groups) != len(encoded):
         raise ValueError(f"groups= needs one key per sample: {len(groups)} keys for {len(encoded)} samples")
     results: list[ScoreResult | None] = [None] * len(encoded)
