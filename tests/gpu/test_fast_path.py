@@ -85,8 +85,9 @@ def test_graph_replay_equals_eager(tiny_model, family, rng):
         batch = pack(seqs, [rng.randrange(n) for n in lens] if needs_gate else None, device="cuda")
         b = choose_bucket(runner.buckets, batch.num_tokens, batch.num_seqs, batch.max_seqlen)
         assert b is not None
-        for out in runner.graphs[b][1].values():    # poison the graph's outputs before the replay
-            out.fill_(float("nan"))
+        with torch.inference_mode():   # the outputs were made in inference mode (Engine.forward_eager)
+            for out in runner.graphs[b][1].values():    # poison the graph's outputs before the replay
+                out.fill_(float("nan"))
         got = engine.forward(batch)
         assert runner.replays[b] >= 1
         # the same padded static batch run eagerly: bitwise the same
