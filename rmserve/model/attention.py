@@ -35,7 +35,9 @@ def attention_ref(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> 
         if lq == lk:
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+            # bottom-right causal: query row r sees keys up to r + lk - lq (one broadcast compare)
+            rows = torch.arange(lk - lq, lk, device=q.device)
+            mask = torch.arange(lk, device=q.device) <= rows[:, None]
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
