@@ -125,6 +125,22 @@ def test_budget_is_capped_and_from_memory(tiny_model):
         Engine.from_pretrained(tiny_model("bt"), device="cuda", gpu_memory_utilization=1e-6)
 
 
+def test_length_limit_comes_from_memory(tiny_model, monkeypatch, rng):
+    """A sample longer than one forward may hold beside the graphs is an input error naming
+    gpu_memory_utilization; the engine's limit and its preprocessor's agree."""
+    import rmserve.memory
+
+    engine = Engine.from_pretrained(tiny_model("bt"), device="cuda")
+    assert engine.preprocessor.max_length == engine.config.max_length == engine.spec.max_position_embeddings
+    monkeypatch.setattr(rmserve.memory, "cuda_memory_plan", lambda *a, **k: (256, 40))
+    small = Engine.from_pretrained(tiny_model("bt"), device="cuda")
+    assert small.config.max_batch_tokens == 256 and small.config.max_length == 40
+    long = [{"role": "user", "content": "the cat " * 30}, {"role": "assistant", "content": "ok"}]
+    bad, good = small.score([long, random_conversation(rng, max_turns=1, hi=3)])
+    assert "one forward may hold in GPU memory (gpu_memory_utilization=0.9)" in bad.error
+    assert good.ok
+
+
 def _varlen_batch(g, lens, hq=32, hkv=8, d=128):
     total = sum(lens)
     q = torch.randn(total, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
