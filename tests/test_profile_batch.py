@@ -15,7 +15,7 @@ import profile_batch  # noqa: E402
 
 def test_timers_cover_every_part_and_change_nothing(tiny_model, rng):
     engine = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu")
-    items = [e for e in engine.encode([random_conversation(rng) for _ in range(5)])]
+    items = engine.encode([random_conversation(rng) for _ in range(5)])
     batch = engine.make_batch(items)
     before = engine.forward_eager(batch)
     timer = profile_batch.PartTimer(engine.device)
