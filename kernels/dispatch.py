@@ -35,31 +35,18 @@ class Ops:
     sample_quantiles: Callable
 
 
-TORCH_OPS = Ops(
-    name="torch",
-    rms_norm=rmsnorm.rms_norm_ref,
-    add_rms_norm=rmsnorm.add_rms_norm_ref,
-    rope=rope.rope_ref,
-    silu_mul=silu_mul.silu_mul_ref,
-    gather_project=gather_project.gather_project_ref,
-    armo_combine=gate_combine.armo_combine_ref,
-    qrm_combine=gate_combine.qrm_combine_ref,
-    sample_normal=sampling.sample_normal_ref,
-    sample_quantiles=sampling.sample_quantiles_ref,
-)
+# Each op's kernel module and function; its PyTorch reference is the same name + "_ref" beside it.
+_KERNELS = {"rms_norm": rmsnorm, "add_rms_norm": rmsnorm, "rope": rope, "silu_mul": silu_mul,
+            "gather_project": gather_project, "armo_combine": gate_combine, "qrm_combine": gate_combine,
+            "sample_normal": sampling, "sample_quantiles": sampling}
 
-TRITON_OPS = Ops(
-    name="triton",
-    rms_norm=rmsnorm.rms_norm,
-    add_rms_norm=rmsnorm.add_rms_norm,
-    rope=rope.rope,
-    silu_mul=silu_mul.silu_mul,
-    gather_project=gather_project.gather_project,
-    armo_combine=gate_combine.armo_combine,
-    qrm_combine=gate_combine.qrm_combine,
-    sample_normal=sampling.sample_normal,
-    sample_quantiles=sampling.sample_quantiles,
-)
+
+def _ops(name: str, suffix: str) -> Ops:
+    return Ops(name=name, **{op: getattr(module, op + suffix) for op, module in _KERNELS.items()})
+
+
+TORCH_OPS = _ops("torch", "_ref")
+TRITON_OPS = _ops("triton", "")
 
 
 def interpreting() -> bool:
