@@ -137,33 +137,36 @@ def case_gather_project(g, T, H, B, rows, w_dtype, h_dtype, device, bias: bool):
         check_2x(got, torch.cat(outs, dim=1), oracle, "gather_project")
 
 
-def case_armo_combine(g, B, N, dtype, device):
+def _check_combine(kernel, ref, u, values, tm, temperature, scale, names, dtype):
+    """A gate+combine kernel against its reference and the fp32 oracle, output by output."""
+    with poisoned_outputs():
+        got = kernel(u, values, tm, temperature, scale)
+    want = ref(u, values, tm, temperature, scale)
+    oracle = ref(u.float(), values.float(), tm.float(), temperature, scale.float())
+    for name, a, b, o in zip(names, got, want, oracle):
+        what = f"{kernel.__name__} {name}"
+        assert a.dtype == torch.float32
+        check(a, o if dtype in LOW else b, torch.float32 if dtype in LOW else dtype, what)
+        if dtype in LOW:
+            check_2x(a, b, o, what)
+
+
+def _gate_inputs(g, B, N, dtype, device):
     u = randn(g, B, N, dtype=dtype, device=device, scale=5.0)
-    r = randn(g, B, N, dtype=dtype, device=device)
     tm = randn(g, N, N, dtype=dtype, device=device, scale=N ** -0.5)
     scale = (torch.rand(1, generator=g) * 4 + 0.5).to(dtype).to(device)
-    with poisoned_outputs():
-        got = gate_combine.armo_combine(u, r, tm, 10.0, scale)
-    want = gate_combine.armo_combine_ref(u, r, tm, 10.0, scale)
-    oracle = gate_combine.armo_combine_ref(u.float(), r.float(), tm.float(), 10.0, scale.float())
-    for name, a, b, o in zip(("gates", "coefficients", "score"), got, want, oracle):
-        assert a.dtype == torch.float32
-        check(a, o if dtype in LOW else b, torch.float32 if dtype in LOW else dtype, f"armo_combine {name}")
-        if dtype in LOW:
-            check_2x(a, b, o, f"armo_combine {name}")
+    return u, tm, scale
+
+
+def case_armo_combine(g, B, N, dtype, device):
+    u, tm, scale = _gate_inputs(g, B, N, dtype, device)
+    r = randn(g, B, N, dtype=dtype, device=device)
+    _check_combine(gate_combine.armo_combine, gate_combine.armo_combine_ref, u, r, tm, 10.0, scale,
+                   ("gates", "coefficients", "score"), dtype)
 
 
 def case_qrm_combine(g, B, N, Q, dtype, device):
-    u = randn(g, B, N, dtype=dtype, device=device, scale=5.0)
+    u, tm, scale = _gate_inputs(g, B, N, dtype, device)
     R = randn(g, B, N, Q, dtype=dtype, device=device)
-    tm = randn(g, N, N, dtype=dtype, device=device, scale=N ** -0.5)
-    scale = (torch.rand(1, generator=g) * 4 + 0.5).to(dtype).to(device)
-    with poisoned_outputs():
-        got = gate_combine.qrm_combine(u, R, tm, 5.0, scale)
-    want = gate_combine.qrm_combine_ref(u, R, tm, 5.0, scale)
-    oracle = gate_combine.qrm_combine_ref(u.float(), R.float(), tm.float(), 5.0, scale.float())
-    for name, a, b, o in zip(("gates", "rewards", "score", "reward_quantiles"), got, want, oracle):
-        assert a.dtype == torch.float32
-        check(a, o if dtype in LOW else b, torch.float32 if dtype in LOW else dtype, f"qrm_combine {name}")
-        if dtype in LOW:
-            check_2x(a, b, o, f"qrm_combine {name}")
+    _check_combine(gate_combine.qrm_combine, gate_combine.qrm_combine_ref, u, R, tm, 5.0, scale,
+                   ("gates", "rewards", "score", "reward_quantiles"), dtype)
