@@ -94,7 +94,7 @@ def test_fused_head_in_bf16(tiny_model, family, rng):
     path = tiny_model(family)
     torch_head, fused_head = _bf16_head(path), _bf16_head(path, TRITON_OPS)
     g = torch.Generator().manual_seed(rng.randrange(1 << 30))
-    T, B = 23, 6
+    T, B = 97, 64
     hidden = torch.randn(T, torch_head_hidden(torch_head), generator=g).to(torch.bfloat16)
     last = torch.randint(0, T, (B,), generator=g)
     last[0], last[-1] = T - 1, 0
