@@ -31,6 +31,7 @@ over whole chunks (`plan`), so no row is lost or duplicated.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
@@ -268,14 +269,18 @@ def plan_call(encoded: Sequence[Encoded], groups: Sequence[Hashable | None] | No
 def score_shared(engine, encoded: Sequence[Encoded | InputError],
                  groups: Sequence[Hashable | None] | None = None) -> list[ScoreResult]:
     """Engine.score_encoded with shared prefixes. Batches where no group shares take the
-    engine's plain path unchanged."""
+    engine's plain path unchanged. Identical samples (same token ids) run once and get equal
+    results: a tied pair's margin is exactly 0 (two rows of one GEMM may differ in the last bit)."""
     if groups is not None and len(groups) != len(encoded):
         raise ValueError(f"groups= needs one key per sample: {len(groups)} keys for {len(encoded)} samples")
     results: list[ScoreResult | None] = [None] * len(encoded)
-    good = [i for i, e in enumerate(encoded) if isinstance(e, Encoded)]
+    first: dict[Encoded, int] = {}   # each distinct sample -> its first index
     for i, e in enumerate(encoded):
         if not isinstance(e, Encoded):
             results[i] = ScoreResult(error=str(e))
+        else:
+            first.setdefault(e, i)
+    good = list(first.values())
     items = [encoded[i] for i in good]
     cfg = engine.config
     hints = None if groups is None else [groups[i] for i in good]
@@ -293,6 +298,9 @@ def score_shared(engine, encoded: Sequence[Encoded | InputError],
             outputs = {k: v.cpu().tolist() for k, v in engine.forward_eager(batch).items()}
         for row, m in enumerate(members):
             results[good[m]] = engine._result(outputs, row, len(items[m]))
+    for i, e in enumerate(encoded):
+        if results[i] is None:   # a repeat of an earlier sample: its own copy of that result
+            results[i] = copy.deepcopy(results[first[e]])
     return results  # type: ignore[return-value]
 
 

@@ -245,3 +245,25 @@ def test_sharing_with_triton_kernels(tiny_model, rng):
     convs.append(random_conversation(rng, max_turns=1, hi=10))
     assert find_groups([e.ids for e in shared.encode(convs)], min_shared=4)[0].prefix > 0
     assert_results_close(shared.score(convs), plain.score(convs), "triton kernels")
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_identical_samples_run_once_and_score_equal(tiny_model, rng, share):
+    """Repeats of a sample in one call (a tied pair, a duplicated answer) run once and get equal,
+    separate results, whatever their groups; two rows of one GEMM can differ in the last bit, so
+    without this a tie's margin could be 6e-8."""
+    engine = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", share_prefix=share,
+                                    max_batch_tokens=300)
+    convs = [random_conversation(rng, max_turns=2, hi=12) for _ in range(6)]
+    calls = [convs[0], convs[1], convs[0], convs[2], convs[3], convs[0], convs[4], convs[1], convs[5]]
+    keys = ["a", "a", "a", "b", None, "c", "b", "d", None]
+    rows = []   # samples through the backbone (plain and shared batches both end in forward_eager on CPU)
+    forward_eager = engine.forward_eager
+    engine.forward_eager = lambda batch: (rows.append(batch.num_seqs), forward_eager(batch))[1]
+    res = engine.score(calls, groups=keys)
+    assert sum(rows) == 6                                   # 6 distinct samples computed
+    for a, b in [(0, 2), (0, 5), (1, 7)]:
+        assert res[a] == res[b] and res[a].gating is not res[b].gating
+    alone = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", share_prefix=False)
+    for r, w in zip(res, alone.score(calls)):
+        assert r.score == pytest.approx(w.score, rel=1e-5, abs=1e-5)
