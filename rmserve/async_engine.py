@@ -140,6 +140,10 @@ class AsyncEngine:
         """Texts already rendered with the chat template (see Preprocessor.encode_texts)."""
         return await self._submit(self.engine.preprocessor.encode_texts, texts, samples, seed)
 
+    async def score_token_ids(self, samples: Sequence[Sequence[int]]) -> list[ScoreResult]:
+        """Token-id samples under the BOS policy (see Preprocessor.encode_token_ids)."""
+        return await self._submit(self.engine.preprocessor.encode_token_ids, samples, 0, 0)
+
     async def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking calls (new ones raise EngineClosed). drain=True scores everything already
         admitted (up to `timeout` seconds, after which the rest fail with EngineClosed);

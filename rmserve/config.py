@@ -78,6 +78,10 @@ class ModelSpec:
     bos_token_id: int | None
     checkpoint_dtype: str | None
     head: HeadSpec = field(default_factory=HeadSpec)
+    # config.json's classifier metadata, read only by the vLLM-style /classify route (its activation
+    # and `label`): `problem_type` as written (None: absent) and `id2label` in index order (() : absent).
+    problem_type: str | None = None
+    id2label: tuple[str, ...] = ()
 
     @property
     def q_size(self) -> int:
@@ -201,7 +205,17 @@ def spec_from_dict(cfg: dict) -> ModelSpec:
         bos_token_id=cfg.get("bos_token_id"),
         checkpoint_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
         head=_head(family, cfg),
+        problem_type=cfg.get("problem_type"),
+        id2label=_id2label(cfg),
     )
+
+
+def _id2label(cfg: dict) -> tuple[str, ...]:
+    labels = cfg.get("id2label") or {}
+    try:
+        return tuple(str(labels[k]) for k in sorted(labels, key=int))
+    except (TypeError, ValueError):
+        raise ConfigError(f"config.json's id2label keys must be integers, got {sorted(labels)}") from None
 
 
 def load_spec(model_dir: str) -> ModelSpec:

@@ -138,6 +138,18 @@ class Preprocessor:
             out[i] = enc
         return out  # type: ignore[return-value]
 
+    def encode_token_ids(self, samples: Sequence[Sequence[int]]) -> list[Encoded | InputError]:
+        """Token-id samples a client tokenized itself -> Encoded or the error. bos="one" holds them to
+        exactly one BOS as it does texts (added when missing, never doubled); the other policies take
+        the ids as given."""
+        out: list[Encoded | InputError] = []
+        for ids in samples:
+            try:
+                out.append(self.finish(self._apply_bos(list(ids)) if ids else []))
+            except InputError as e:
+                out.append(e)
+        return out
+
     def encode_texts(self, texts: Sequence[str]) -> list[Encoded | InputError]:
         """Texts already rendered with the chat template -> Encoded or the error, under the BOS policy.
 

@@ -287,6 +287,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         errors = [it.error for it in items]
         return RewardResponse(rewards=rewards, scores=rewards, errors=errors if any(errors) else None)
 
+    from .pooling import add_routes   # here: pooling.py imports this module
+
+    add_routes(app, engine, config, check_count, check_chars, count_item_errors)   # /classify, /v1/embeddings
+
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():
         body = Health(status="shutting_down" if engine.closed else "ok",

@@ -11,7 +11,7 @@ from ..async_engine import AsyncEngine, BatchStats
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 SIZE_BUCKETS = tuple(float(2 ** i) for i in range(11))            # 1 .. 1024 samples
 TOKEN_BUCKETS = tuple(float(2 ** i) for i in range(4, 18))        # 16 .. 131072 tokens
-ENDPOINTS = ("/v1/score", "/get_reward", "/health", "/v1/models", "/metrics")
+ENDPOINTS = ("/v1/score", "/get_reward", "/classify", "/v1/embeddings", "/health", "/v1/models", "/metrics")
 THROUGHPUT_WINDOW_S = 10.0
 
 
