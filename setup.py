@@ -13,7 +13,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["rmserve", "rmserve.model", "rmserve.heads", "rmserve.server", "rmserve.kernels", "rmserve.offline"],
+    packages=["rmserve", "rmserve.model", "rmserve.heads", "rmserve.server", "rmserve.kernels", "rmserve.offline",
+              "rmserve.integrations", "rmserve.eval"],
     package_dir={"rmserve.kernels": "kernels"},
     install_requires=[
         # torch 2.11 is the GPU image's; 2.13 is what CPU CI runs.
@@ -48,6 +49,8 @@ setup(
             "uvicorn>=0.29",
             "prometheus_client>=0.20",
             "httpx>=0.27",
+            # tests/test_rl_clients.py trains a tiny policy with TRL's GRPOTrainer (reward call shape read at 1.16)
+            "trl>=1.16,<2",
         ],
     },
     entry_points={"console_scripts": ["rmserve=rmserve.cli:main"]},

@@ -6,6 +6,7 @@ import json
 import sys
 
 from .device_check import check_device
+from .eval.cli import add_parser as add_eval_parser
 from .server.main import add_parser as add_serve_parser
 
 
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score(sub)
     add_serve_parser(sub)
+    add_eval_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
