@@ -58,7 +58,7 @@ def test_v2_best_of_n_shares_ties():
 
 def test_v2_ties_score_by_hand():
     rows = [  # prompt 0: all correct answers beat all wrong ones, in both rows
-        {"id": "ref:0", "num_correct": 1, "score": [2.0, 1.0]},
+        {"id": "ref:0", "num_correct": 1, "score": [1.25, 1.0]},
         {"id": "tied:0", "num_correct": 2, "score": [3.0, 2.5, 1.0]},
         # prompt 1: the tied row's correct answers straddle the wrong one
         {"id": "ref:1", "num_correct": 1, "score": [1.0, 0.0]},
@@ -67,13 +67,14 @@ def test_v2_ties_score_by_hand():
         {"id": "ref:2", "num_correct": 1, "score": [0.0, 1.0]},
     ]
     got = rb2.ties_score(rows)
-    # prompt 0: spread 0.5, tied margin 1.5, ref margin 1.0 -> both preferred; tanh(1.0/0.5 - 1)
+    # prompt 0: spread 0.5, tied margin 1.5 > spread, ref margin 0.25 < spread -> preferred, not
+    #           preferred_hard (the min of the two margins); tanh(0.25/0.5 - 1)
     # prompt 1: spread 2.0, tied margin -1.0, ref margin 1.0 -> neither; tanh(-1/2 - 1)
     assert got["ref_accuracy"] == pytest.approx(2 / 3) and got["tied_accuracy"] == 0.5
-    assert got["correctness_preferred"] == 0.5 and got["correctness_preferred_hard"] == 0.5
-    margin = (math.tanh(1.0) + math.tanh(-1.5)) / 2
+    assert got["correctness_preferred"] == 0.5 and got["correctness_preferred_hard"] == 0.0
+    margin = (math.tanh(-0.5) + math.tanh(-1.5)) / 2
     assert got["correctness_margin_score"] == pytest.approx(margin, abs=1e-15)
-    assert got["score"] == pytest.approx(0.3 * 0.5 + 0.3 * 2 / 3 + 0.2 * 0.5 + 0.2 * 0.5 + 0.01 * margin, abs=1e-15)
+    assert got["score"] == pytest.approx(0.3 * 0.5 + 0.3 * 2 / 3 + 0.2 * 0.5 + 0.2 * 0.0 + 0.01 * margin, abs=1e-15)
     # equal correct answers: spread 0, the margin term's 0/0 is NaN -> 0, x/0 -> tanh(+-inf) = +-1
     flat = rb2.ties_score([{"id": "ref:0", "num_correct": 1, "score": [1.0, 1.0]},
                            {"id": "tied:0", "num_correct": 2, "score": [1.0, 1.0, 1.0]}])
