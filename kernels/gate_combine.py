@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 
 def armo_combine_ref(u: torch.Tensor, rewards: torch.Tensor, transform: torch.Tensor, temperature: float,
                      logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,9 +113,9 @@ def armo_combine(u: torch.Tensor, rewards: torch.Tensor, transform: torch.Tensor
     coef = torch.empty_like(gates)
     score = torch.empty(B, dtype=torch.float32, device=u.device)
     if B:
-        _armo_combine_kernel[(B,)](u, rewards, transform, logit_scale, gates, coef, score, N, u.stride(0),
-                                   rewards.stride(0), transform.stride(0), gates.stride(0), coef.stride(0),
-                                   temperature, BLOCK_N=triton.next_power_of_2(N))
+        launch(_armo_combine_kernel, (B,), u, rewards, transform, logit_scale, gates, coef, score, N,
+               u.stride(0), rewards.stride(0), transform.stride(0), gates.stride(0), coef.stride(0), temperature,
+               BLOCK_N=triton.next_power_of_2(N))
     return gates, coef, score
 
 
@@ -131,8 +133,8 @@ def qrm_combine(u: torch.Tensor, quantiles: torch.Tensor, transform: torch.Tenso
     score = torch.empty(B, dtype=torch.float32, device=u.device)
     mixture = torch.empty(B, Q, dtype=torch.float32, device=u.device)
     if B:
-        _qrm_combine_kernel[(B,)](u, quantiles, transform, logit_scale, gates, rewards, score, mixture, N, Q,
-                                  u.stride(0), quantiles.stride(0), quantiles.stride(1), transform.stride(0),
-                                  gates.stride(0), rewards.stride(0), mixture.stride(0), temperature,
-                                  BLOCK_N=triton.next_power_of_2(N), BLOCK_Q=triton.next_power_of_2(Q))
+        launch(_qrm_combine_kernel, (B,), u, quantiles, transform, logit_scale, gates, rewards, score, mixture,
+               N, Q, u.stride(0), quantiles.stride(0), quantiles.stride(1), transform.stride(0), gates.stride(0),
+               rewards.stride(0), mixture.stride(0), temperature,
+               BLOCK_N=triton.next_power_of_2(N), BLOCK_Q=triton.next_power_of_2(Q))
     return gates, rewards, score, mixture

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .cast import round_to
+from .launch import launch
 
 
 def gather_project_ref(hidden: torch.Tensor, indices: Sequence[torch.Tensor], weight: torch.Tensor,
@@ -99,7 +100,7 @@ def gather_project(hidden: torch.Tensor, indices: Sequence[torch.Tensor], weight
     n0 = rows[0]
     grid = (triton.cdiv(n0, block_n) + triton.cdiv(N - n0, block_n), triton.cdiv(B, block_b))
     idx1 = indices[1] if len(indices) == 2 else indices[0]
-    _gather_project_kernel[grid](hidden, indices[0], idx1, weight, bias if bias is not None else weight, out,
-                                 B, n0, N, H, hidden.stride(0), weight.stride(0), out.stride(0),
-                                 HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
+    launch(_gather_project_kernel, grid, hidden, indices[0], idx1, weight, bias if bias is not None else weight,
+           out, B, n0, N, H, hidden.stride(0), weight.stride(0), out.stride(0),
+           HAS_BIAS=bias is not None, BLOCK_B=block_b, BLOCK_N=block_n, BLOCK_K=block_k)
     return out

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from .cast import round_to
+from .launch import launch
 
 
 def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -46,7 +47,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr, H, eps,
     tl.store(out_ptr + row * stride_out + cols, round_to(w * y, out_ptr.dtype.element_ty), mask=mask)
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
+def _rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float):
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"x must be [T, H] with a contiguous last dimension, got shape {tuple(x.shape)}")
     T, H = x.shape
@@ -61,18 +62,18 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     res = residual if residual is not None else x
     block = triton.next_power_of_2(H)
     if T > 0:
-        _rms_norm_kernel[(T,)](x, res, weight, out, total, H, eps, x.stride(0), res.stride(0), out.stride(0),
-                               total.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
-                               num_warps=min(max(block // 256, 1), 16))
+        launch(_rms_norm_kernel, (T,), x, res, weight, out, total, H, eps, x.stride(0), res.stride(0),
+               out.stride(0), total.stride(0), HAS_RESIDUAL=residual is not None, BLOCK=block,
+               num_warps=min(max(block // 256, 1), 16))
     return out, total
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [T, H] (bf16/fp16/fp32, last dim contiguous), weight [H] same dtype -> [T, H] in x's dtype."""
-    return _launch(x, None, weight, eps)[0]
+    return _rms_norm(x, None, weight, eps)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [T, H] same dtype; weight [H] -> (rms_norm(residual + x), residual + x), both new tensors."""
-    return _launch(x, residual, weight, eps)
+    return _rms_norm(x, residual, weight, eps)

@@ -15,6 +15,7 @@ import triton.language as tl
 from rmserve.model.rope import apply_rope_ref, cos_sin
 
 from .cast import round_to
+from .launch import launch
 
 
 def rope_ref(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> None:
@@ -67,6 +68,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: to
         raise ValueError(f"inv_freq must be a contiguous fp32 [{D // 2}], got {inv_freq.dtype} {tuple(inv_freq.shape)}")
     if T == 0:
         return
-    _rope_kernel[(T,)](q, k, positions, inv_freq, q.shape[1], k.shape[1], q.stride(0), q.stride(1),
-                       k.stride(0), k.stride(1), HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
-                       BLOCK_HK=triton.next_power_of_2(k.shape[1]))
+    launch(_rope_kernel, (T,), q, k, positions, inv_freq, q.shape[1], k.shape[1], q.stride(0), q.stride(1),
+           k.stride(0), k.stride(1), HALF=D // 2, BLOCK_HQ=triton.next_power_of_2(q.shape[1]),
+           BLOCK_HK=triton.next_power_of_2(k.shape[1]))

@@ -7,6 +7,7 @@ import triton
 import triton.language as tl
 
 from .cast import round_to
+from .launch import launch
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
@@ -35,6 +36,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(T, inter, dtype=gate_up.dtype, device=gate_up.device)
     block = min(triton.next_power_of_2(inter), 1024)
     if T > 0:
-        _silu_mul_kernel[(T, triton.cdiv(inter, block))](gate_up, out, inter, gate_up.stride(0), out.stride(0),
-                                                          BLOCK=block)
+        launch(_silu_mul_kernel, (T, triton.cdiv(inter, block)), gate_up, out, inter, gate_up.stride(0),
+               out.stride(0), BLOCK=block)
     return out
