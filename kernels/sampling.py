@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch
+
 _M32 = 0xFFFFFFFF
 PHILOX_ROUND_A, PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 PHILOX_KEY_A, PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
@@ -127,52 +129,67 @@ def _uniform(bits):
     return (bits >> 8).to(tl.float32) * 5.9604644775390625e-08     # 2^-24
 
 
-@triton.jit
+# One binary serves every K: K and the strides that follow it are not specialised (Triton would
+# otherwise compile K == 1 and K % 16 == 0 apart) and the block of draws is fixed. Grid: samples on
+# axis 0 (CUDA allows 2^31 - 1), at most MAX_K_PROGRAMS programs per sample on axis 1 (CUDA allows
+# 65,535), each looping over the blocks kb = program_id(1), + num_programs(1), ... of its sample, so
+# any K < 2^24 fits. 16 programs per sample fill a GPU for the batches the engine samples (the draws
+# end as Python floats, which costs far more than drawing them) and keep the interpreter fast (it
+# pays per program); the QRM kernel also sorts its quantiles once per program, not once per block.
+NORMAL_BLOCK_K = 256
+QUANTILE_TILE = 2048       # the QRM lookup's one-hot [BLOCK_K, BLOCK_Q] tile: 64 x 32 for Q = 19 (no spills)
+MAX_K_PROGRAMS = 16
+
+
+@triton.jit(do_not_specialize=["K", "stride_xb", "stride_xa", "stride_sb"])
 def _sample_normal_kernel(mu_ptr, sigma_ptr, w_ptr, key_ptr, x_ptr, score_ptr,
                           A, K, stride_mu, stride_sigma, stride_w, stride_xb, stride_xa, stride_sb,
                           BLOCK_A: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     a = tl.arange(0, BLOCK_A)
-    a_ok, k_ok = a < A, ks < K
+    a_ok = a < A
     mu = tl.load(mu_ptr + b * stride_mu + a, mask=a_ok, other=0.0).to(tl.float32)
     sigma = tl.load(sigma_ptr + b * stride_sigma + a, mask=a_ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + b * stride_w + a, mask=a_ok, other=0.0).to(tl.float32)
     key = tl.load(key_ptr + b)
-    counter = ks[None, :] * A + a[:, None]                                  # int32: k * A + a
-    b0, b1, _, _ = tl.randint4x(key, counter)
-    u1 = _uniform(b0)
-    u2 = _uniform(b1)
-    z = tl.sqrt(-2.0 * tl.log(1.0 - u1)) * tl.cos(6.283185307179586 * u2)
-    x = mu[:, None] + sigma[:, None] * z                                    # [BLOCK_A, BLOCK_K]
-    ok = a_ok[:, None] & k_ok[None, :]
-    tl.store(x_ptr + b * stride_xb + a[:, None] * stride_xa + ks[None, :], x, mask=ok)
-    score = tl.sum(tl.where(ok, w[:, None] * x, 0.0), axis=0)
-    tl.store(score_ptr + b * stride_sb + ks, score, mask=k_ok)
+    for kb in range(tl.program_id(1), tl.cdiv(K, BLOCK_K), tl.num_programs(1)):
+        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        counter = ks[None, :] * A + a[:, None]                              # int32: k * A + a
+        b0, b1, _, _ = tl.randint4x(key, counter)
+        u1 = _uniform(b0)
+        u2 = _uniform(b1)
+        z = tl.sqrt(-2.0 * tl.log(1.0 - u1)) * tl.cos(6.283185307179586 * u2)
+        x = mu[:, None] + sigma[:, None] * z                                # [BLOCK_A, BLOCK_K]
+        ok = a_ok[:, None] & k_ok[None, :]
+        tl.store(x_ptr + b * stride_xb + a[:, None] * stride_xa + ks[None, :], x, mask=ok)
+        score = tl.sum(tl.where(ok, w[:, None] * x, 0.0), axis=0)
+        tl.store(score_ptr + b * stride_sb + ks, score, mask=k_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "stride_o"])
 def _sample_quantiles_kernel(q_ptr, key_ptr, out_ptr, Q, K, j_max, stride_q, stride_o,
                              BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     qs = tl.arange(0, BLOCK_Q)
     vals = tl.load(q_ptr + b * stride_q + qs, mask=qs < Q, other=float("inf")).to(tl.float32)
     s = tl.sort(vals)                                                       # padding (+inf) sorts last
     key = tl.load(key_ptr + b)
-    b0, _, _, _ = tl.randint4x(key, ks)
-    t = _uniform(b0) * (Q + 1) - 1.0
-    j = tl.minimum(tl.maximum(tl.floor(t), 0.0), j_max)                   # segment: 0 .. max(Q - 2, 0)
-    ji = j.to(tl.int32)
-    lo = tl.sum(tl.where(qs[None, :] == ji[:, None], s[None, :], 0.0), axis=1)
-    hi_idx = tl.minimum(ji + 1, Q - 1)
-    hi = tl.sum(tl.where(qs[None, :] == hi_idx[:, None], s[None, :], 0.0), axis=1)
-    x = lo + (t - j) * (hi - lo)
-    tl.store(out_ptr + b * stride_o + ks, x, mask=ks < K)
+    for kb in range(tl.program_id(1), tl.cdiv(K, BLOCK_K), tl.num_programs(1)):
+        ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
+        b0, _, _, _ = tl.randint4x(key, ks)
+        t = _uniform(b0) * (Q + 1) - 1.0
+        j = tl.minimum(tl.maximum(tl.floor(t), 0.0), j_max)               # segment: 0 .. max(Q - 2, 0)
+        ji = j.to(tl.int32)
+        lo = tl.sum(tl.where(qs[None, :] == ji[:, None], s[None, :], 0.0), axis=1)
+        hi_idx = tl.minimum(ji + 1, Q - 1)
+        hi = tl.sum(tl.where(qs[None, :] == hi_idx[:, None], s[None, :], 0.0), axis=1)
+        x = lo + (t - j) * (hi - lo)
+        tl.store(out_ptr + b * stride_o + ks, x, mask=ks < K)
 
 
-def _block_k(num_samples: int) -> int:
-    return min(triton.next_power_of_2(num_samples), 256)
+def _grid(batch: int, num_samples: int, block_k: int) -> tuple[int, int]:
+    return batch, min(triton.cdiv(num_samples, block_k), MAX_K_PROGRAMS)
 
 
 def sample_normal(means: torch.Tensor, sigmas: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
@@ -193,11 +210,10 @@ def sample_normal(means: torch.Tensor, sigmas: torch.Tensor, weights: torch.Tens
         raise ValueError("num_samples * attributes must stay below 2^31 (32-bit Philox counters)")
     x = torch.empty(B, A, num_samples, dtype=torch.float32, device=means.device)
     score = torch.empty(B, num_samples, dtype=torch.float32, device=means.device)
-    block_k = _block_k(num_samples)
-    grid = (B, triton.cdiv(num_samples, block_k))
-    _sample_normal_kernel[grid](means, sigmas, weights, keys, x, score, A, num_samples,
-                                means.stride(0), sigmas.stride(0), weights.stride(0), x.stride(0), x.stride(1),
-                                score.stride(0), BLOCK_A=triton.next_power_of_2(A), BLOCK_K=block_k)
+    if B:
+        launch(_sample_normal_kernel, _grid(B, num_samples, NORMAL_BLOCK_K), means, sigmas, weights, keys, x, score,
+               A, num_samples, means.stride(0), sigmas.stride(0), weights.stride(0), x.stride(0), x.stride(1),
+               score.stride(0), BLOCK_A=triton.next_power_of_2(A), BLOCK_K=NORMAL_BLOCK_K)
     return x, score
 
 
@@ -211,9 +227,9 @@ def sample_quantiles(quantiles: torch.Tensor, keys: torch.Tensor, num_samples: i
     if num_samples >= 2 ** 31:
         raise ValueError("num_samples must stay below 2^31 (32-bit Philox counters)")
     out = torch.empty(B, num_samples, dtype=torch.float32, device=quantiles.device)
-    block_k = _block_k(num_samples)
-    grid = (B, triton.cdiv(num_samples, block_k))
-    _sample_quantiles_kernel[grid](quantiles, keys, out, Q, num_samples, float(max(Q - 2, 0)),
-                                   quantiles.stride(0), out.stride(0),
-                                   BLOCK_Q=max(triton.next_power_of_2(Q), 2), BLOCK_K=block_k)
+    block_q = max(triton.next_power_of_2(Q), 2)
+    block_k = max(QUANTILE_TILE // block_q, 16)
+    if B:
+        launch(_sample_quantiles_kernel, _grid(B, num_samples, block_k), quantiles, keys, out, Q, num_samples,
+               float(max(Q - 2, 0)), quantiles.stride(0), out.stride(0), BLOCK_Q=block_q, BLOCK_K=block_k)
     return out

@@ -7,6 +7,7 @@ import torch
 
 from rmserve.kernels import sampling
 from rmserve.kernels.dispatch import interpreting
+from rmserve.kernels.launch import recording
 
 from .kernel_cases import poisoned_outputs
 
@@ -149,3 +150,39 @@ def test_bad_arguments_raise():
         sampling.sample_quantiles(mu, torch.zeros(2, dtype=torch.int64), 0)
     with pytest.raises(ValueError, match="sigmas"):
         sampling.sample_normal(mu, torch.zeros(2, 4), mu, torch.zeros(2, dtype=torch.int64), 4)
+
+
+def test_programs_loop_over_draw_blocks(g, monkeypatch):
+    """Fewer programs than draw blocks (as at K near 2^24): each program's loop covers its blocks."""
+    monkeypatch.setattr(sampling, "MAX_K_PROGRAMS", 2)
+    B, A, K = 2, 5, 1000                       # 4 blocks of 256 normal draws, 16 of 64 quantile draws
+    mu, sigma, w = normal_inputs(g, B, A)
+    keys = random_keys(g, B)
+    with poisoned_outputs(), recording() as rec:
+        x, s = sampling.sample_normal(mu, sigma, w, keys, K)
+        q = torch.randn(B, 19, generator=g).cumsum(-1)
+        d = sampling.sample_quantiles(q, keys, K)
+    assert [launch.grid for launch in rec.launches] == [(B, 2), (B, 2)]
+    xr, sr = sampling.sample_normal_ref(mu, sigma, w, keys, K)
+    torch.testing.assert_close(x, xr, **DRAW_TOL)
+    torch.testing.assert_close(s, sr, **DRAW_TOL)
+    torch.testing.assert_close(d, sampling.sample_quantiles_ref(q, keys, K), **DRAW_TOL)
+
+
+def test_grid_within_cuda_limits_at_the_largest_k():
+    """rmserve/sampling.py allows K < 2^24 draws; grid axis 1 holds at most 65,535 programs on CUDA.
+    Checked on the launch record (recorded, not run) for many samples and the largest K."""
+    from rmserve.sampling import check_sampling
+
+    K = 2 ** 24 - 1
+    check_sampling("urm", K, 0)                # allowed
+    B = 70_000                                 # more samples than grid axis 1 would hold either
+    meta = dict(device="meta")
+    with recording(dry=True) as rec:
+        sampling.sample_normal(*(torch.empty(B, 5, **meta) for _ in range(3)),
+                               torch.empty(B, dtype=torch.int64, **meta), K)
+        sampling.sample_quantiles(torch.empty(B, 19, **meta), torch.empty(B, dtype=torch.int64, **meta), K)
+    assert len(rec.launches) == 2
+    for launch in rec.launches:
+        grid = launch.grid + (1,) * (3 - len(launch.grid))
+        assert grid[0] <= 2 ** 31 - 1 and grid[1] <= 65535 and grid[2] <= 65535, (launch.spec.kernel, grid)
