@@ -19,12 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rmserve.config import spec_from_dict
+from rmserve import shapes
 from rmserve.engine import Engine, EngineConfig
-from rmserve.heads import build_head, head_param_dtype
 from rmserve.loader import LoadedModel
-from rmserve.model.llama import LlamaBackbone
-from rmserve.model.rope import inv_freq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get("RMSERVE_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
@@ -37,38 +34,21 @@ QUANTILES = ((0.0, 16), (0.01, 39), (0.05, 68), (0.10, 98), (0.25, 188), (0.50, 
 PROMPT_TOKENS = 34          # mean prompt length; synthetic ArmoRM samples gate there
 PAD_ID = 128255             # a reserved Llama 3 token that no rendered sample contains
 
+# Backbone sizes by name: the real ones from rmserve's shape table, and a small one for CPU runs.
+SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+         "intermediate_size")
 SHAPES = {
-    # Llama-3.1-8B
-    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=14336),
+    "8b": {k: shapes.BACKBONES["llama-3.1-8b"][k] for k in SIZES},      # Llama-3.1-8B
     # the small CPU shape of issue 2
-    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+    "small": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, head_dim=64,
                   intermediate_size=1536),
 }
 
 
 def llama_config(shape: str, family: str, layers: int | None = None) -> dict:
-    """A Llama-3.1 config.json (transformers 5 keys) of the given shape and head family."""
-    cfg = {
-        "model_type": "llama", "hidden_act": "silu", "rms_norm_eps": 1e-5, "vocab_size": 128256,
-        "max_position_embeddings": 131072, "attention_bias": False, "mlp_bias": False,
-        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128009, "pad_token_id": PAD_ID,
-        "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                            "original_max_position_embeddings": 8192, "rope_theta": 500000.0},
-        **SHAPES[shape],
-    }
-    cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
-    if layers is not None:
-        cfg["num_hidden_layers"] = layers
-    if family == "bt":
-        cfg.update(architectures=["LlamaForSequenceClassification"], id2label={"0": "LABEL_0"},
-                   label2id={"LABEL_0": 0})
-    elif family == "armorm":
-        cfg.update(architectures=["LlamaForRewardModelWithGating"], num_objectives=19, gating_temperature=10.0,
-                   gating_hidden_dim=1024, gating_n_hidden=3)
-    else:
-        raise ValueError(f"benchmarks build bt or armorm heads, not {family!r}")
-    return cfg
+    """A Llama-3.1 config.json (transformers 5 keys) of the given shape and head family (rmserve.shapes.HEADS)."""
+    backbone = {**shapes.BACKBONES["llama-3.1-8b"], **SHAPES[shape], "pad_token_id": PAD_ID}
+    return shapes.config(backbone, family, layers)
 
 
 def _fill_random(name: str, t: torch.Tensor, g: torch.Generator) -> None:
@@ -84,28 +64,10 @@ def _fill_random(name: str, t: torch.Tensor, g: torch.Generator) -> None:
         t.normal_(0.0, 0.1, generator=g)
 
 
-@torch.no_grad()
 def random_model(cfg: dict, device: str, dtype: torch.dtype, seed: int = 0) -> LoadedModel:
     """rmserve's backbone and head with random weights, built on `device` without a checkpoint."""
-    spec = spec_from_dict(cfg)
-    dev = torch.device(device)
-    with torch.device("meta"):
-        backbone, head = LlamaBackbone(spec), build_head(spec)
-    g = torch.Generator(device=dev).manual_seed(seed)
-    for module, dtype_of in ((backbone, lambda n: dtype), (head, lambda n: head_param_dtype(spec.family, n, dtype))):
-        for mod_name, mod in module.named_modules():
-            for name, t in list(mod._parameters.items()):   # straight to the target dtype: no fp32 copy of 8B
-                if t is None:
-                    continue
-                full = f"{mod_name}.{name}" if mod_name else name
-                new = torch.empty(t.shape, dtype=dtype_of(full), device=dev)
-                _fill_random(full, new, g)
-                mod._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
-            for name, t in list(mod._buffers.items()):
-                if t is not None and name != "inv_freq":
-                    mod._buffers[name] = torch.zeros(t.shape, dtype=t.dtype, device=dev)
-    backbone.inv_freq = inv_freq(spec.rope, spec.head_dim).to(dev)
-    return LoadedModel(spec=spec, backbone=backbone.eval(), head=head.eval(), path="random")
+    g = torch.Generator(device=torch.device(device)).manual_seed(seed)
+    return shapes.model_of_shape(cfg, device, dtype, fill=lambda name, t: _fill_random(name, t, g))
 
 
 @torch.no_grad()
@@ -116,9 +78,8 @@ def hf_model(model: LoadedModel, cfg: dict):
     from transformers import LlamaConfig, LlamaForSequenceClassification
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    keys = {k: v for k, v in cfg.items() if k not in ("architectures", "num_objectives", "gating_temperature",
-                                                      "gating_hidden_dim", "gating_n_hidden")}
-    config = LlamaConfig(**keys, num_labels=1)
+    head_keys = {k for head in shapes.HEADS.values() for k in head}
+    config = LlamaConfig(**{k: v for k, v in cfg.items() if k not in head_keys}, num_labels=1)
     config._attn_implementation = "sdpa"
     s, b = model.spec, model.backbone
     with torch.device("meta"):

@@ -1,0 +1,88 @@
+"""The real shapes of the models rmserve serves, in one table, and models of those shapes built in memory.
+
+BACKBONES: the backbone part of each supported checkpoint's config.json (sizes, RoPE, vocabulary).
+HEADS: each family's head part, as the published checkpoints (../shared/spec) have it.
+`config(backbone, family, layers=None)` joins one of each into a complete config.json;
+`model_of_shape(config, device, dtype, fill=None)` builds that model with no checkpoint.
+
+Read by the kernel compile test (tests/test_kernel_compile.py runs every backbone x family as a
+one-layer engine and compiles each kernel launch it records), the benchmarks (bench/rmbench.py)
+and the GPU lease's checkpoint (bench/write_checkpoint.py). A new architecture or shape is one
+entry here: those all pick it up.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+BACKBONES: dict[str, dict] = {
+    # Llama-3.1-8B (Skywork-Reward, QRM, URM; Llama-3-8B's ArmoRM, FsfairX and GRM have the same
+    # layer shapes, with plain RoPE and 8192 positions: the kernels see the same shapes).
+    "llama-3.1-8b": {
+        "model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 14336, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "rope_parameters": LLAMA3_ROPE, "bos_token_id": 128000, "eos_token_id": 128009,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+    },
+}
+
+HEADS: dict[str, dict] = {
+    "bt": {"architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "LABEL_0"},
+           "label2id": {"LABEL_0": 0}},
+    "armorm": {"architectures": ["LlamaForRewardModelWithGating"], "num_objectives": 19,
+               "gating_temperature": 10.0, "gating_hidden_dim": 1024, "gating_n_hidden": 3},
+    # The gating MLP's width is not in the spec; QRM's code is ArmoRM's (1024, 3 hidden blocks).
+    "qrm": {"architectures": ["LlamaForRewardModelWithGating"], "num_objectives": 19, "num_quantiles": 19,
+            "gating_temperature": 5.0, "gating_hidden_dim": 1024, "gating_n_hidden": 3},
+    "urm": {"architectures": ["LlamaForSequenceClassificationWithNormal_Weights"],
+            "id2label": {str(i): f"LABEL_{i}" for i in range(10)}, "label2id": {f"LABEL_{i}": i for i in range(10)}},
+    "grm": {"architectures": ["LlamaForCausalLM"], "vhead_layer_type": "mlp", "vhead_num_layers": 1,
+            "vhead_num_neurons": 1024},
+}
+
+
+def config(backbone: str | dict, family: str, layers: int | None = None) -> dict:
+    """config.json of `family`'s head on `backbone` (a BACKBONES name or its dict); layers overrides the depth."""
+    cfg = {**(BACKBONES[backbone] if isinstance(backbone, str) else backbone), **HEADS[family]}
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    return cfg
+
+
+@torch.no_grad()
+def model_of_shape(cfg: dict, device: str | torch.device, dtype: torch.dtype,
+                   fill: Callable[[str, torch.Tensor], None] | None = None):
+    """rmserve's backbone and head for config.json `cfg`, built on `device` without a checkpoint:
+    every parameter in its dtype (the head's per `heads.PRECISION`), allocated uninitialised and
+    then passed to fill(name, tensor) when given (no fp32 copy of 8B). Buffers are zero.
+    -> loader.LoadedModel (path "memory")."""
+    from .config import spec_from_dict
+    from .heads import build_head, head_param_dtype
+    from .loader import LoadedModel
+    from .model.llama import LlamaBackbone
+    from .model.rope import inv_freq
+
+    spec = spec_from_dict(cfg)
+    dev = torch.device(device)
+    with torch.device("meta"):
+        backbone, head = LlamaBackbone(spec), build_head(spec)
+    for module, dtype_of in ((backbone, lambda n: dtype), (head, lambda n: head_param_dtype(spec.family, n, dtype))):
+        for mod_name, mod in module.named_modules():
+            for name, t in list(mod._parameters.items()):
+                if t is None:
+                    continue
+                full = f"{mod_name}.{name}" if mod_name else name
+                new = torch.empty(t.shape, dtype=dtype_of(full), device=dev)
+                if fill is not None:
+                    fill(full, new)
+                mod._parameters[name] = torch.nn.Parameter(new, requires_grad=False)
+            for name, t in list(mod._buffers.items()):
+                if t is not None and name != "inv_freq":
+                    mod._buffers[name] = torch.zeros(t.shape, dtype=t.dtype, device=dev)
+    backbone.inv_freq = inv_freq(spec.rope, spec.head_dim).to(dev)
+    return LoadedModel(spec=spec, backbone=backbone.eval(), head=head.eval(), path="memory")
