@@ -4,10 +4,12 @@ import json
 import signal
 import time
 
-import pandas as pd
+import pytest
 
 from .helpers import random_conversation
 from .offline_helpers import cli, committed_parts, popen, write_jsonl
+
+pd = pytest.importorskip("pandas")   # reads the outputs; in the `test` extra
 
 ROWS, PART_ROWS = 3000, 60
 

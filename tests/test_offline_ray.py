@@ -3,7 +3,6 @@ and resumes a job whose first parts were already committed."""
 import json
 from dataclasses import asdict
 
-import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from .helpers import random_conversation, random_text
 from .offline_helpers import cli, read_jsonl, write_jsonl
 
 pytest.importorskip("ray")
+pd = pytest.importorskip("pandas")
 
 # Ray actors run one torch thread, the single-process job here too (OMP_NUM_THREADS=1 in cli);
 # the in-process engine below may use more, and fp32 CPU matmuls can differ in the last bits

@@ -8,17 +8,22 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from rmserve import Engine
 from rmserve.results import ScoreResult
-from rmserve.server.schemas import ScoreItem
 from rmserve.tiny import write_tiny_checkpoint
 
 from .helpers import random_conversation
 from .test_async_engine import alone, assert_same
+
+# The `server` extra: where it is not installed (the GPU image has no fastapi or uvicorn) this module skips.
+for _extra in ("fastapi", "uvicorn", "pydantic", "prometheus_client"):
+    pytest.importorskip(_extra)
+httpx = pytest.importorskip("httpx")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from rmserve.server.schemas import ScoreItem  # noqa: E402
 
 KEY = "test-key-0123"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -59,7 +59,7 @@ def test_combine(g, B, dtype):
     kc.case_qrm_combine(g, B, 19, 19, dtype, DEV)
 
 
-@pytest.mark.parametrize("B,K", [(1, 1), (9, 1000)])
+@pytest.mark.parametrize("B,K", [(1, 1), (9, 1000), (2, 5000)])   # 5000: programs loop over blocks
 def test_sampling_matches_ref(g, B, K):
     mu, sigma, w = (torch.randn(B, 5, generator=g) * 3, torch.rand(B, 5, generator=g) + 0.1, torch.randn(B, 5, generator=g))
     keys = torch.randint(-(1 << 62), 1 << 62, (B,), generator=g)
