@@ -36,8 +36,11 @@ def gather_project_ref(hidden: torch.Tensor, indices: Sequence[torch.Tensor], we
     return torch.cat(outs, dim=1)
 
 
+# H, the hidden size, is a constexpr: each model compiles one binary for it anyway, and the loop over
+# it then has a Python bound (Triton 3.6's interpreter, the GPU image's, cannot take range() over a
+# runtime value with NumPy >= 2.4: triton-lang/triton#9171).
 @triton.jit
-def _gather_project_kernel(h_ptr, idx0_ptr, idx1_ptr, w_ptr, b_ptr, out_ptr, B, N0, N, H,
+def _gather_project_kernel(h_ptr, idx0_ptr, idx1_ptr, w_ptr, b_ptr, out_ptr, B, N0, N, H: tl.constexpr,
                            stride_h, stride_w, stride_out,
                            HAS_BIAS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr):

@@ -133,7 +133,8 @@ def _uniform(bits):
 # otherwise compile K == 1 and K % 16 == 0 apart) and the block of draws is fixed. Grid: samples on
 # axis 0 (CUDA allows 2^31 - 1), at most MAX_K_PROGRAMS programs per sample on axis 1 (CUDA allows
 # 65,535), each looping over the blocks kb = program_id(1), + num_programs(1), ... of its sample, so
-# any K < 2^24 fits. 16 programs per sample fill a GPU for the batches the engine samples (the draws
+# any K < 2^24 fits. The loops are `while` loops: Triton 3.6's interpreter (the GPU image's) cannot
+# take range() over runtime values with NumPy >= 2.4 (triton-lang/triton#9171). 16 programs per sample fill a GPU for the batches the engine samples (the draws
 # end as Python floats, which costs far more than drawing them) and keep the interpreter fast (it
 # pays per program); the QRM kernel also sorts its quantiles once per program, not once per block.
 NORMAL_BLOCK_K = 256
@@ -152,7 +153,8 @@ def _sample_normal_kernel(mu_ptr, sigma_ptr, w_ptr, key_ptr, x_ptr, score_ptr,
     sigma = tl.load(sigma_ptr + b * stride_sigma + a, mask=a_ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + b * stride_w + a, mask=a_ok, other=0.0).to(tl.float32)
     key = tl.load(key_ptr + b)
-    for kb in range(tl.program_id(1), tl.cdiv(K, BLOCK_K), tl.num_programs(1)):
+    kb = tl.program_id(1)
+    while kb < tl.cdiv(K, BLOCK_K):
         ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = ks < K
         counter = ks[None, :] * A + a[:, None]                              # int32: k * A + a
@@ -165,6 +167,7 @@ def _sample_normal_kernel(mu_ptr, sigma_ptr, w_ptr, key_ptr, x_ptr, score_ptr,
         tl.store(x_ptr + b * stride_xb + a[:, None] * stride_xa + ks[None, :], x, mask=ok)
         score = tl.sum(tl.where(ok, w[:, None] * x, 0.0), axis=0)
         tl.store(score_ptr + b * stride_sb + ks, score, mask=k_ok)
+        kb += tl.num_programs(1)
 
 
 @triton.jit(do_not_specialize=["K", "stride_o"])
@@ -175,7 +178,8 @@ def _sample_quantiles_kernel(q_ptr, key_ptr, out_ptr, Q, K, j_max, stride_q, str
     vals = tl.load(q_ptr + b * stride_q + qs, mask=qs < Q, other=float("inf")).to(tl.float32)
     s = tl.sort(vals)                                                       # padding (+inf) sorts last
     key = tl.load(key_ptr + b)
-    for kb in range(tl.program_id(1), tl.cdiv(K, BLOCK_K), tl.num_programs(1)):
+    kb = tl.program_id(1)
+    while kb < tl.cdiv(K, BLOCK_K):
         ks = kb * BLOCK_K + tl.arange(0, BLOCK_K)
         b0, _, _, _ = tl.randint4x(key, ks)
         t = _uniform(b0) * (Q + 1) - 1.0
@@ -186,6 +190,7 @@ def _sample_quantiles_kernel(q_ptr, key_ptr, out_ptr, Q, K, j_max, stride_q, str
         hi = tl.sum(tl.where(qs[None, :] == hi_idx[:, None], s[None, :], 0.0), axis=1)
         x = lo + (t - j) * (hi - lo)
         tl.store(out_ptr + b * stride_o + ks, x, mask=ks < K)
+        kb += tl.num_programs(1)
 
 
 def _grid(batch: int, num_samples: int, block_k: int) -> tuple[int, int]:
