@@ -4,6 +4,11 @@ AutoModelForSequenceClassification (LlamaForSequenceClassification, sdpa) with p
 
     python bench/throughput.py                                  # CPU: small shape, 256 rows, fp32
     python bench/throughput.py --device cuda --shape 8b         # GPU: Llama-3.1-8B shape, bf16
+    python bench/throughput.py --device cuda --share-prefix both --eager   # + sharing off, + eager
+
+rmserve runs as users get it: prompt sharing on (`--share-prefix off` or `both` for the other
+configuration), CUDA graphs on CUDA (`--eager` adds an enforce_eager row); how many batches
+replayed a graph and how many ran eagerly (warm-up included) is printed and kept in the JSON.
 
 Per row: useful tokens/s (the samples' own tokens; padding is not counted), samples/s, the share
 of computed tokens that are useful, MFU (model FLOPs of the useful tokens per second over the
@@ -96,7 +101,10 @@ def main(argv=None) -> int:
     ap.add_argument("--orders", default="input,sorted")
     ap.add_argument("--naive", action=argparse.BooleanOptionalAction, default=None,
                     help="also transformers one sample at a time (no padding); default on for cpu")
-    ap.add_argument("--eager", action="store_true", help="also rmserve with enforce_eager=True (cuda)")
+    ap.add_argument("--share-prefix", choices=("on", "off", "both"), default="on",
+                    help="rmserve's prompt sharing: on (the default users get), off, or both (a row each)")
+    ap.add_argument("--eager", action="store_true",
+                    help="also rmserve with enforce_eager=True (cuda; with the first --share-prefix setting)")
     ap.add_argument("--max-batch-tokens", type=int, default=None,
                     help="rmserve's token budget; default 16384 on cuda, 4096 on cpu (cache-friendlier there)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -112,6 +120,7 @@ def main(argv=None) -> int:
     n = args.rows or (1000 if cuda else 256)
     naive = (not cuda) if args.naive is None else args.naive
     families = args.families.split(",")
+    shares = {"on": [True], "off": [False], "both": [True, False]}[args.share_prefix]
     sizes = [int(b) for b in args.batch_sizes.split(",") if b]
     orders = [o for o in args.orders.split(",") if o]
 
@@ -123,32 +132,42 @@ def main(argv=None) -> int:
     for family in families:
         cfg = rmbench.llama_config(shape, family, args.layers)
         model = rmbench.random_model(cfg, args.device, dtype)
-        t0 = time.perf_counter()
-        engine = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=False)
-        setup = time.perf_counter() - t0
-        if work is None:
-            work = rmbench.workload(n, gating=rmbench.gating_pattern(tokenizer))
-            print(f"workload: {work.source}: {len(work.samples)} samples, {work.tokens} tokens", file=sys.stderr)
-        meta[family] = {"engine_setup_s": round(setup, 2), "max_batch_tokens": engine.config.max_batch_tokens,
-                        "attention": engine.attention, "kernels": engine.config.kernels,
-                        "graphs": None if engine.graphs is None else len(engine.graphs.buckets)}
-        rmbench.rmserve_score(engine, work.samples[:64])                  # warm-up
-        reset_mem(args.device)
-        ours, seconds = run_rmserve(engine, work.samples, args.device)
-        rows.append(row("rmserve packed", family, seconds, work, work.tokens, peak, cfg, peak_mem(args.device)))
-        if engine.graphs is not None:   # how many batches replayed a graph and how many ran eagerly
-            meta[family].update(graph_replays=sum(engine.graphs.replays.values()), eager_batches=engine.graphs.eager)
-        print_table(rows[-1:], 0, 0)
-        if args.eager and cuda:
-            eager = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=False,
-                                        enforce_eager=True)
+        ours = None
+        for share in shares:
+            t0 = time.perf_counter()
+            engine = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=share)
+            setup = time.perf_counter() - t0
+            if work is None:
+                work = rmbench.workload(n, gating=rmbench.gating_pattern(tokenizer))
+                print(f"workload: {work.source}: {len(work.samples)} samples, {work.tokens} tokens", file=sys.stderr)
+            label = f"{family}, sharing {'on' if share else 'off'}"
+            meta[label] = {"engine_setup_s": round(setup, 2), "max_batch_tokens": engine.config.max_batch_tokens,
+                           "attention": engine.attention, "kernels": engine.config.kernels,
+                           "graphs": None if engine.graphs is None else len(engine.graphs.buckets)}
+            rmbench.rmserve_score(engine, work.samples[:64])                  # warm-up
             reset_mem(args.device)
-            _, seconds = run_rmserve(eager, work.samples, args.device)
-            rows.append(row("rmserve packed, eager", family, seconds, work, work.tokens, peak, cfg,
-                            peak_mem(args.device)))
-            del eager
-        del engine
-        gc.collect()
+            scores, seconds = run_rmserve(engine, work.samples, args.device)
+            ours = scores if ours is None else ours
+            name = "rmserve packed" + ("" if share else ", no sharing")
+            rows.append(row(name, family, seconds, work, work.tokens, peak, cfg, peak_mem(args.device)))
+            if engine.graphs is not None:   # how many batches replayed a graph and how many ran eagerly
+                meta[label].update(graph_replays=sum(engine.graphs.replays.values()), eager_batches=engine.graphs.eager)
+                print(f"{label}: {meta[label]['graph_replays']} batches replayed a graph, "
+                      f"{meta[label]['eager_batches']} ran eagerly", file=sys.stderr)
+            print_table(rows[-1:], 0, 0)
+            del engine
+            gc.collect()
+            if args.eager and cuda and share == shares[0]:
+                eager = rmbench.make_engine(model, tokenizer, max_batch_tokens=budget, share_prefix=share,
+                                            enforce_eager=True)
+                reset_mem(args.device)
+                _, seconds = run_rmserve(eager, work.samples, args.device)
+                rows.append(row(name + ", eager", family, seconds, work, work.tokens, peak, cfg, peak_mem(args.device)))
+                print_table(rows[-1:], 0, 0)
+                del eager
+                gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
         if not hf_done:   # transformers gets a BT head whatever the family: run it once
             hf = rmbench.hf_model(model, cfg)
             rmbench.hf_score(hf, work.samples[:16], 8, "input", args.device)   # warm-up
@@ -180,7 +199,8 @@ def main(argv=None) -> int:
           f"tokens/s (and tokens per CPU-second) over the best padded transformers row's")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"env": env, "shape": shape, "layers": args.layers, "dtype": str(dtype),
+            json.dump({"env": env, "shape": shape, "share_prefix": args.share_prefix, "layers": args.layers,
+                       "dtype": str(dtype),
                        "workload": work.source, "samples": len(work.samples), "tokens": work.tokens,
                        "matmul_peak_tflops": round(peak / 1e12, 4), "threads": torch.get_num_threads(),
                        "engines": meta, "rows": rows}, f, indent=2)
