@@ -153,8 +153,8 @@ V1_ACCURACY = {"alpacaeval-easy": 0.5, "mt-bench-easy": 0.0, "llmbar-natural": 1
 
 def _v1_inputs(tmp_path, rows):
     """The same rows as jsonl, parquet and a datasets save_to_disk directory."""
-    import datasets
-    import pandas as pd
+    datasets = pytest.importorskip("datasets")   # the `datasets` extra and pandas: skipped where not installed
+    pd = pytest.importorskip("pandas")
 
     # parquet and datasets want one type per column: prompts as JSON-ready dicts vs strings
     flat = [dict(r, prompt=json.dumps(r["prompt"]) if isinstance(r["prompt"], list) else r["prompt"]) for r in rows]
@@ -213,8 +213,7 @@ def test_rewardbench_scores_prior_sets_and_bad_rows(tmp_path, tiny_model):
     want = rb1.leaderboard(V1_ACCURACY)
     assert results[rb1.PRIOR] == 0.25 and results["Score"] == pytest.approx(want["Score"], abs=1e-15)
     # the per-row scores are the engine's on the conversations the official code builds
-    import pandas as pd
-
+    pd = pytest.importorskip("pandas")
     df = pd.read_parquet(tmp_path / "out.parquet")
     engine = Engine.from_pretrained(model, dtype="float32", device="cpu")
     turns = [{"role": "user", "content": "Tips?"}, {"role": "assistant", "content": "Which?"},

@@ -10,16 +10,20 @@ import sys
 import threading
 import types
 
-import httpx
 import pytest
 
-from rmserve import Engine
-from rmserve.integrations import RewardFunction
-from rmserve.server.pooling import activate
-from rmserve.tiny import write_tiny_checkpoint
+# The `server` extra: where it is not installed (the GPU image has no fastapi or uvicorn) this module skips.
+for _extra in ("fastapi", "uvicorn", "pydantic", "prometheus_client"):
+    pytest.importorskip(_extra)
+httpx = pytest.importorskip("httpx")
 
-from .helpers import random_conversation
-from .test_server import Server
+from rmserve import Engine  # noqa: E402
+from rmserve.integrations import RewardFunction  # noqa: E402
+from rmserve.server.pooling import activate  # noqa: E402
+from rmserve.tiny import write_tiny_checkpoint  # noqa: E402
+
+from .helpers import random_conversation  # noqa: E402
+from .test_server import Server  # noqa: E402
 
 RTOL = 1e-5   # server batches vs Engine.score alone: fp32 BLAS last bits
 BOS = "<|begin_of_text|>"
