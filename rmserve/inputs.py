@@ -154,13 +154,27 @@ class Preprocessor:
         """Texts already rendered with the chat template -> Encoded or the error, under the BOS policy.
 
         Special-token strings in the text (a leading "<|begin_of_text|>", say) become their tokens."""
-        if not texts:
-            return []
-        encoded = self.tokenizer(list(texts), add_special_tokens=self.bos == "tokenizer")["input_ids"]
-        out: list[Encoded | InputError] = []
-        for ids in encoded:
+        out: list[Encoded | InputError | None] = [_unicode_error(t) for t in texts]
+        good = [i for i, e in enumerate(out) if e is None]
+        if not good:
+            return out  # type: ignore[return-value]
+        encoded = self.tokenizer([texts[i] for i in good], add_special_tokens=self.bos == "tokenizer")["input_ids"]
+        for i, ids in zip(good, encoded):
             try:
-                out.append(self.finish(self._apply_bos(ids)))
+                out[i] = self.finish(self._apply_bos(ids))
             except InputError as e:
-                out.append(e)
-        return out
+                out[i] = e
+        return out  # type: ignore[return-value]
+
+
+def _unicode_error(text: str) -> InputError | None:
+    """A text the tokenizer cannot take: a lone UTF-16 surrogate (JSON's "\\ud800" without its
+    pair) is not a Unicode character, and the tokenizer would fail the whole batch on it."""
+    if not isinstance(text, str):
+        return InputError(f"expected a text, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return InputError(f"the text is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                          f"{e.start} (a UTF-16 escape without its pair)")
+    return None

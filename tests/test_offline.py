@@ -120,6 +120,8 @@ BAD_ROWS = [  # (raw line or row, expected reason substring); ids are the row's 
     ({"id": "content", "messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]}, "no text 'content'"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}, "missing field 'id'"),
     ({"id": "good2"}, None),
+    ('{"id": "surrogate", "messages": [{"role": "user", "content": "a \\ud800"}, {"role": "assistant", "content": "b"}]}',
+     "lone surrogate '\\ud800'"),
 ]
 
 
@@ -137,7 +139,7 @@ def test_bad_rows_go_to_the_errors_file(tmp_path, rng):
     r = cli("score", path, "--model", "tiny:armorm", "--output", out, "--max-length", "150", "--part-rows", "5",
             "--quiet", env=env)
     assert r.returncode == EXIT_BAD_ROWS, r.stderr
-    assert "13 errors" in r.stderr and "bad rows are listed in" in r.stderr
+    assert "14 errors" in r.stderr and "bad rows are listed in" in r.stderr
     errors = read_jsonl(str(out) + ".errors.jsonl")
     expected = [(i, why) for i, (_, why) in enumerate(BAD_ROWS) if why]
     assert [e["row"] for e in errors] == [i for i, _ in expected]
@@ -148,7 +150,7 @@ def test_bad_rows_go_to_the_errors_file(tmp_path, rng):
     df = pd.read_parquet(out)
     assert df["id"].tolist() == ["good0", "good1", "good2"] and df["score"].notna().all()
     summary = json.loads(open(str(out) + ".summary.json").read())
-    assert (summary["rows"], summary["scored"], summary["errors"], summary["exit_code"]) == (16, 3, 13, 3)
+    assert (summary["rows"], summary["scored"], summary["errors"], summary["exit_code"]) == (17, 3, 14, 3)
 
 
 def test_pairs_margin_and_accuracy(tmp_path, tiny_model, rng):

@@ -8,6 +8,7 @@ turn not the assistant's, too many conversations, too many characters), 429 queu
 """
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -51,8 +52,29 @@ class ClientError(Exception):
         self.status, self.kind, self.message = status, kind, message
 
 
+class SafeJSONResponse(JSONResponse):
+    """JSON that a lone UTF-16 surrogate echoed from the request (a `model` of "\\ud800", say) cannot
+    turn into a 500: UTF-8 cannot encode it, so such a body is written with ASCII escapes."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
 def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+    return SafeJSONResponse({"error": {"type": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def unparsable_body(cause: BaseException | None) -> str:
+    """Why FastAPI could not parse a JSON body (it answers 400 for what json.loads raises other than
+    a JSONDecodeError)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid JSON: it is not UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON here: it is nested too deeply"
+    return f"the body could not be parsed as JSON ({type(cause).__name__})"
 
 
 class Gate:
@@ -210,6 +232,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
+        if e.status_code == 400:   # a body json.loads could not read: 422 like any body that is not JSON
+            return refuse(422, "invalid_request", unparsable_body(e.__cause__))
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "invalid_request")
         return refuse(e.status_code, kind, str(e.detail))
 

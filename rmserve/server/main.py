@@ -2,12 +2,15 @@
 
 Importing this module is cheap (no fastapi, torch or uvicorn); `serve` imports them.
 SIGTERM / Ctrl-C: uvicorn stops accepting connections, lets in-flight requests finish (up to
---drain-timeout), then the AsyncEngine drains and the process exits 0.
+--drain-timeout), then the AsyncEngine drains and the process exits 0. (uvicorn re-raises the
+signal once it has shut down, so that a default handler would end the process by it: status 143
+for SIGTERM, which a supervisor reads as a crash. `run_until_stopped` takes that re-raised signal.)
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 API_KEY_ENV = "RMSERVE_API_KEY"
@@ -77,6 +80,29 @@ def serve(args: argparse.Namespace) -> int:
         drain_timeout_s=args.drain_timeout)
     batching = BatchingConfig(max_wait_ms=args.max_wait_ms, max_pending=args.max_pending)
     app = create_app(AsyncEngine(engine, batching), config)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=args.drain_timeout, access_log=False)
-    return 0
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.drain_timeout, access_log=False))
+    return run_until_stopped(server)
+
+
+def run_until_stopped(server) -> int:
+    """Runs a uvicorn.Server until SIGTERM or Ctrl-C has shut it down: 0 then, 1 if it never started
+    (the port taken, say; uvicorn has logged why).
+
+    uvicorn's Server.serve installs its own SIGINT/SIGTERM handlers, shuts down gracefully on the
+    first signal, restores the handlers it found and raises the signal again (`Server.capture_signals`,
+    read in uvicorn 0.54). The SIGTERM handler found here takes that second delivery (and a
+    SIGTERM that comes before uvicorn has installed its own, by asking the server to stop), so a
+    drained server exits 0 rather than by the signal; the re-raised SIGINT is Python's
+    KeyboardInterrupt, taken here as uvicorn.run does."""
+    def stop(signum, frame):
+        server.should_exit = True
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if server.started else 1
