@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
-from .device_check import check_device
 from .eval.cli import add_parser as add_eval_parser
+from .flags import HelpFormatter, add_engine_flags, add_kernel_flags
 from .server.main import add_parser as add_serve_parser
 
 
 def _score(args: argparse.Namespace) -> int:
     """The offline job (rmserve/offline/): exit 0 all rows scored, 3 some rows bad (see the errors
     file), 2 refused (bad arguments, unreadable input, a resume that would mix two jobs)."""
+    from .device_check import check_device
     from .engine import EngineConfig
     from .offline import EXIT_REFUSED, JobConfig, ResumeError, ShapeConfig, SourceError, run_job, run_ray_job
 
@@ -59,35 +59,33 @@ EXIT_INTERRUPTED = 130   # the shell's code for a job stopped by Ctrl-C (128 + S
 
 def _add_score(sub) -> None:
     s = sub.add_parser("score", help="score a file of conversations (resumable; --ray for a cluster)",
-                       description="Score every row of a file; rerun the same command to resume.")
+                       description="Score every row of a file; rerun the same command to resume.",
+                       formatter_class=HelpFormatter)
     s.add_argument("input", help=".jsonl, .jsonl.gz, .parquet, a datasets directory, or hf:<name>[:<split>]")
     s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
-    s.add_argument("--output", required=True, help="the output file (parts go to OUTPUT.parts/ meanwhile)")
+    s.add_argument("--output", required=True,
+                   help="the output file: .parquet, or .jsonl/.json/.ndjson (or any name with --format), in an "
+                        "existing directory; parts go to OUTPUT.parts/ meanwhile")
     s.add_argument("--format", choices=["parquet", "jsonl"], default=None,
-                   help="default: jsonl for a .jsonl output path, else parquet")
-    s.add_argument("--split", default=None, help="datasets split")
+                   help="output format (default: from the --output name)")
+    s.add_argument("--split", default=None, help="split of a datasets directory or hub dataset (hub default: train)")
     g = s.add_argument_group("row shape")
-    g.add_argument("--shape", default="auto", choices=["auto", "messages", "prompt_response", "pair", "multi"])
-    g.add_argument("--id-field", default="id", help="id column (default: id; absent: the row number)")
-    g.add_argument("--messages-field", default="messages")
-    g.add_argument("--prompt-field", default="prompt")
-    g.add_argument("--response-field", default="response")
-    g.add_argument("--responses-field", default="responses")
-    g.add_argument("--chosen-field", default="chosen")
-    g.add_argument("--rejected-field", default="rejected")
+    g.add_argument("--shape", default="auto", choices=["auto", "messages", "prompt_response", "pair", "multi"],
+                   help="row shape (see README); auto: from the first well-formed row's columns")
+    g.add_argument("--id-field", default="id", help="id column (when the first row lacks `id`: the row number)")
+    g.add_argument("--messages-field", default="messages", help="messages shape: the message-list column")
+    g.add_argument("--prompt-field", default="prompt", help="the prompt column (prompt_response, pair, multi)")
+    g.add_argument("--response-field", default="response", help="prompt_response shape: the answer column")
+    g.add_argument("--responses-field", default="responses", help="multi shape: the column of answers")
+    g.add_argument("--chosen-field", default="chosen", help="pair shape: the chosen side's column")
+    g.add_argument("--rejected-field", default="rejected", help="pair shape: the rejected side's column")
     g.add_argument("--group-field", default=None, help="prompt-id column: rank rows within each group (best-of-N)")
     g.add_argument("--keep", default=None, help="comma-separated input columns to copy to the output")
     e = s.add_argument_group("engine")
-    e.add_argument("--dtype", default="auto")
-    e.add_argument("--device", default=None)
-    e.add_argument("--attention", default="auto")
-    e.add_argument("--max-batch-tokens", type=int, default=16384)
-    e.add_argument("--max-batch-seqs", type=int, default=None)
-    e.add_argument("--max-length", type=int, default=None)
-    e.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
+    add_engine_flags(e)
+    e.add_argument("--max-batch-seqs", type=int, default=None, help="most samples in one batch (default: no cap)")
     e.add_argument("--no-share-prefix", action="store_true", help="score every sample whole (no shared prompts)")
-    e.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"],
-                   help="fused Triton kernels (auto: on CUDA) or the PyTorch references")
+    add_kernel_flags(e)
     j = s.add_argument_group("job")
     j.add_argument("--part-rows", type=int, default=2048, help="input rows per committed part")
     j.add_argument("--samples", type=int, default=0, help="URM/QRM: draws per sample (samples, score_samples)")
@@ -103,13 +101,20 @@ def _add_score(sub) -> None:
     s.set_defaults(func=_score)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="rmserve", description="Fast, exact reward-model inference")
+    parser.add_argument("--version", action="version", version=f"rmserve {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_score(sub)
     add_serve_parser(sub)
     add_eval_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 
 from .config import ModelSpec
+from .device_check import check_device
 from .inputs import Encoded, InputError, Preprocessor
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
@@ -142,6 +143,7 @@ class Engine:
         """model: a checkpoint directory, a hub id, or `tiny:<family>` (random weights, for trying things).
         settings: EngineConfig fields."""
         config = EngineConfig(**settings)
+        check_device(config.device, "device=")
         if model.startswith("tiny:"):
             from .tiny import tiny_checkpoint
 

@@ -14,21 +14,20 @@ import signal
 import sys
 
 API_KEY_ENV = "RMSERVE_API_KEY"
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")   # uvicorn's
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("serve", help="serve a reward model over HTTP",
+    from ..flags import HelpFormatter, add_engine_flags
+
+    s = sub.add_parser("serve", help="serve a reward model over HTTP", formatter_class=HelpFormatter,
                        description="Serve a reward model over HTTP: POST /v1/score, POST /get_reward (OpenRLHF), "
                                    "GET /health, /v1/models, /metrics; OpenAPI at /docs.")
     s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--device", default=None)
-    s.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"])
-    s.add_argument("--max-length", type=int, default=None, help="longest sample in tokens (default: the model's)")
-    s.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one batch")
+    add_engine_flags(s)
     s.add_argument("--max-wait-ms", type=float, default=2.0,
                    help="longest the oldest queued sample waits for a fuller batch")
     s.add_argument("--max-pending", type=int, default=4096,
@@ -36,15 +35,16 @@ def add_parser(sub) -> None:
     s.add_argument("--max-items", type=int, default=256, help="conversations or queries in one request")
     s.add_argument("--max-samples", type=int, default=1024, help="largest `samples` (draws per conversation)")
     s.add_argument("--max-sample-chars", type=int, default=1_000_000, help="characters in one sample")
-    s.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20)
+    s.add_argument("--max-body-bytes", type=int, default=32 * 2 ** 20,
+                   help="largest request body; larger ones get 413 (default: 32 MiB)")
     s.add_argument("--drain-timeout", type=float, default=30.0,
-                   help="seconds in-flight requests get to finish on SIGTERM")
+                   help="seconds in-flight requests get to finish on SIGTERM or Ctrl-C")
     s.add_argument("--strip-padding", action="append", default=[], metavar="TEXT",
                    help="/get_reward: remove this string (a pad token, e.g. '<|end_of_text|>') from both ends "
                         "of every query, however often it repeats; may be given several times")
     s.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer <key>' (prefer the {API_KEY_ENV} environment variable)")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level")
     s.set_defaults(func=serve)
 
 

@@ -1,0 +1,49 @@
+"""Command-line flags shared by the `rmserve` subcommands: their help, defaults and choices.
+
+Importing this is cheap (no torch), so `rmserve --help` answers at once. The choice lists repeat
+the engine's (EngineConfig checks a value, with a one-line error naming the choices; argparse
+would print its usage instead); tests/test_cli.py checks that they agree.
+"""
+from __future__ import annotations
+
+import argparse
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")   # engine.DTYPES + auto
+ATTENTION = ("auto", "flash_attn", "torch_varlen", "reference")               # model/attention.BACKENDS + auto
+KERNELS = ("auto", "triton", "torch")                                        # kernels/dispatch.KERNEL_CHOICES
+BOS = ("one", "template", "tokenizer")                                       # inputs.BOS_POLICIES
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: X)" to each flag's help, unless it has no default or the help says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ([], argparse.SUPPRESS)
+        if action.option_strings and not unset and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def add_engine_flags(group) -> None:
+    """The engine settings every subcommand that loads a model takes (EngineConfig fields)."""
+    group.add_argument("--dtype", default="auto", metavar="DTYPE",
+                       help=f"model dtype: {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 on the CPU")
+    group.add_argument("--device", default=None,
+                       help="cpu, cuda or cuda:N (default: cuda when this machine has it, else cpu)")
+    group.add_argument("--bos", default="one", choices=BOS,
+                       help="BOS policy: exactly one BOS (one), the rendered template's own (template), or the "
+                            "tokenizer's added to it (tokenizer); see README 'Tokenization and BOS'")
+    group.add_argument("--max-length", type=int, default=None,
+                       help="longest sample in tokens; longer ones get an error (default: the model's maximum)")
+    group.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one packed batch")
+
+
+def add_kernel_flags(group) -> None:
+    """The implementation choices (EngineConfig.attention and .kernels)."""
+    group.add_argument("--attention", default="auto", metavar="BACKEND",
+                       help=f"attention backend: {', '.join(ATTENTION)}; auto: the first this device and dtype "
+                            "can run, in that order (reference on the CPU)")
+    group.add_argument("--kernels", default="auto", choices=KERNELS,
+                       help="fused Triton kernels (triton), the PyTorch references (torch), or auto: the kernels "
+                            "on CUDA, the references elsewhere")
