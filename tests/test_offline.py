@@ -34,7 +34,14 @@ def _job(inp, out, model, **kw):
 
 
 def test_readme_command(tmp_path):
-    """The README's main command, as written, from the repository root."""
+    """The README's main command, as written, from the repository root (its output in a temporary
+    directory here; README's goes to out/, which git ignores)."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        main_command = f.read().split("<!-- main-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    assert "mkdir -p out && rmserve score examples/conversations.jsonl --model tiny:armorm --output " \
+           "out/scores.jsonl" in main_command
+    with open(os.path.join(REPO, ".gitignore"), encoding="utf-8") as f:
+        assert "/out/" in f.read().split()
     out = tmp_path / "scores.jsonl"
     env = {"RMSERVE_CACHE": str(tmp_path / "cache")}
     r = cli("score", "examples/conversations.jsonl", "--model", "tiny:armorm", "--output", out, env=env)
@@ -251,8 +258,8 @@ def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng):
     assert r.returncode == 2 and "the input changed" in r.stderr, r.stderr
     s = _job(inp, out, model, part_rows=2, overwrite=True)
     assert s["rows"] == 7 and s["exit_code"] == 0
-    # A finished output is not silently replaced by a different job.
-    with pytest.raises(ResumeError, match="exists from another job"):
+    # A finished output is not silently replaced by a different job, and what differs is named.
+    with pytest.raises(ResumeError, match=r"exists from another job \(part_rows: 2 then, 3 now\)"):
         _job(inp, out, model, part_rows=3)
     with pytest.raises(SourceError, match="unknown input type"):
         _job(shutil.copy(inp, tmp_path / "in.txt"), tmp_path / "o2.parquet", model)

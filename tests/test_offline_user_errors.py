@@ -6,6 +6,7 @@ import gzip
 import importlib.util
 import json
 import signal
+import socket
 import sys
 import time
 
@@ -83,6 +84,18 @@ def test_unwritable_output_and_bad_models_are_refused_in_one_line(tmp_path, tiny
     (tmp_path / "afile").write_text("")
     err = _refused(capsys, "score", inp, "--model", model, "--output", tmp_path / "afile" / "s.jsonl")
     assert "cannot write the output" in err
+    # a typo in a directory is refused, not created (it once made every missing directory silently)
+    err = _refused(capsys, "score", inp, "--model", model, "--output", tmp_path / "typo" / "deeper" / "s.jsonl")
+    assert f"the directory {tmp_path / 'typo' / 'deeper'} does not exist" in err and "mkdir -p" in err
+    assert not (tmp_path / "typo").exists()
+    # a name that is no known format (parquet bytes went into scores.csv) needs --format
+    for name in ("s.csv", "scores"):
+        err = _refused(capsys, "score", inp, "--model", model, "--output", tmp_path / name)
+        assert "cannot tell the format from its name" in err and "--format" in err
+    assert main(["score", inp, "--model", model, "--output", str(tmp_path / "s.csv"), "--format", "jsonl",
+                 "--quiet"]) == 0
+    assert len(read_jsonl(tmp_path / "s.csv")) == 2
+    capsys.readouterr()
     (tmp_path / "noconfig").mkdir()
     for cmd in (["score", inp, "--output", tmp_path / "s.jsonl"], *SERVE):
         err = _refused(capsys, *cmd, "--model", tmp_path / "noconfig")
@@ -90,6 +103,24 @@ def test_unwritable_output_and_bad_models_are_refused_in_one_line(tmp_path, tiny
     if SERVE:
         err = _refused(capsys, "serve", "--model", "tiny:nope", "--port", "1")
         assert "unknown tiny model" in err
+
+
+def test_a_cut_line_is_reported_where_it_ends():
+    """A JSON line cut off at column 64 was reported as an error "at column 1" (of the line after it:
+    json.loads saw the line end)."""
+    from rmserve.offline.shapes import parse_raw
+
+    line = json.dumps({"id": "a", "messages": [{"role": "user", "content": "hello there, how are you?"},
+                                               {"role": "assistant", "content": "fine"}]}).encode()
+    for cut, why in [(64, "Unterminated string starting at column 54"), (51, "Expecting ':' delimiter at column 52"),
+                     (len(line) - 1, f"Expecting ',' delimiter at column {len(line)}")]:
+        for end in (b"\n", b"\r\n"):
+            with pytest.raises(ValueError) as e:
+                parse_raw(line[:cut] + end)
+            assert str(e.value) == f"malformed JSON: {why} (the row ends at column {cut}: is the line cut off?)"
+    with pytest.raises(ValueError, match=r"^malformed JSON: Expecting property name enclosed in double quotes at "
+                                         r"column 2$"):
+        parse_raw(b"{not json\n")
 
 
 def test_ctrl_c_stops_with_a_resume_hint(tmp_path, tiny_model, rng):
@@ -131,6 +162,29 @@ def test_missing_datasets_split_or_unreachable_hub_dataset_is_refused(tmp_path, 
             env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
     assert r.returncode == EXIT_REFUSED, r.stderr
     assert "Traceback" not in r.stderr and "hf:nobody/no-such-dataset: cannot load it" in r.stderr
+
+
+def test_unreachable_hub_is_refused_at_once(tmp_path, tiny_model, rng, capsys, monkeypatch):
+    """Not offline, and no hub answers: one request (and one retry) says so, instead of `datasets`
+    retrying for 26 s first."""
+    import datasets
+    import huggingface_hub.constants
+
+    from rmserve.offline import sources
+
+    with socket.socket() as s:   # a port nothing listens on: the connection is refused at once
+        s.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(sources.time, "sleep", lambda s: None)
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: asked.append(a))
+    err = _refused(capsys, "score", "hf:nobody/no-such-dataset", "--model", tiny_model("bt"),
+                   "--output", tmp_path / "h.jsonl")
+    assert f"hf:nobody/no-such-dataset: cannot reach the hub at {endpoint}" in err and "HF_HUB_OFFLINE=1" in err
+    assert asked == []
 
 
 def test_missing_server_or_ray_packages_say_which_extra(tmp_path, tiny_model, rng, capsys, monkeypatch):

@@ -105,8 +105,8 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
     from ..config import load_spec
 
     source = open_source(config.input, config.split)
-    fmt = output_format(config.output, config.format)
     check_output(config.output)
+    fmt = output_format(config.output, config.format)
     if os.path.exists(config.output) and os.path.exists(source.path) and os.path.samefile(source.path, config.output):
         raise SourceError(f"--output {config.output} is the input file; name another output")
     num_rows, fingerprint = source.scan()
@@ -170,11 +170,25 @@ def part_rows(prep: Prepared) -> Iterator[tuple[int, int, list]]:
         raise ResumeError("the input changed while the job was reading it")
 
 
-def progress(prep: Prepared, quiet: bool):
+def announce(prep: Prepared) -> bool:
+    """Says (unless quiet) that this exact job is already complete, or that it resumes; True when complete."""
+    if prep.done is not None:
+        if not prep.config.quiet:
+            print(f"{prep.config.output} is already complete (same input, model and settings)", file=sys.stderr)
+        return True
+    if prep.committed and not prep.config.quiet:
+        rows = sum(p["rows"] for p in prep.committed.values())
+        print(f"resuming {prep.config.output}: {len(prep.committed)} of {prep.num_parts} parts ({rows} of "
+              f"{prep.num_rows} rows) were committed by an earlier run; scoring the rest", file=sys.stderr)
+    return False
+
+
+def progress(prep: Prepared, quiet: bool, file=None):
+    """The job's progress bar on `file` (default: stderr)."""
     from tqdm import tqdm
 
     done = sum(p["rows"] for p in prep.committed.values())
-    return tqdm(total=prep.num_rows, initial=done, unit="row", disable=quiet, file=sys.stderr,
+    return tqdm(total=prep.num_rows, initial=done, unit="row", disable=quiet, file=file or sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
 
 
@@ -231,9 +245,7 @@ def report(summary: dict, quiet: bool) -> None:
 def run_job(config: JobConfig) -> dict:
     """Runs (or resumes, or finds finished) the job; returns its summary (see `exit_code`)."""
     with prepare(config, "local") as prep:
-        if prep.done is not None:
-            if not config.quiet:
-                print(f"{config.output} is already complete (same input, model and settings)", file=sys.stderr)
+        if announce(prep):
             return prep.done
         from ..engine import Engine
 

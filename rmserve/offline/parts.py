@@ -15,6 +15,7 @@ directory is removed. A rerun after that finds the summary and does nothing.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -34,14 +35,16 @@ class OutputError(ValueError):
 
 
 def check_output(output: str) -> None:
-    """Refuses, before any work, an output that is a directory or sits where nothing can be written
-    (the parent directories are made as needed)."""
+    """Refuses, before any work, an output that is a directory, in a directory that does not exist
+    (a typo in a path: nothing is created silently), or where nothing can be written."""
     if os.path.isdir(output):
         raise OutputError(f"--output {output} is a directory; name the output file, e.g. "
                           f"{os.path.join(output, 'scores.parquet')}")
     parent = os.path.dirname(os.path.abspath(output))
+    if not os.path.lexists(parent):
+        raise OutputError(f"--output {output}: the directory {parent} does not exist; create it first "
+                          f"(mkdir -p {parent}) or correct the path")
     try:
-        os.makedirs(parent, exist_ok=True)
         tempfile.TemporaryFile(dir=parent).close()
     except OSError as e:
         raise OutputError(f"cannot write the output in {parent}: {e.strerror or e}") from None
@@ -78,13 +81,21 @@ def key_hash(key: dict) -> str:
     return hashlib.blake2b(json.dumps(key, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 
+OUTPUT_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
+
+
 def output_format(output: str, fmt: str | None) -> str:
-    """jsonl for a .jsonl/.json/.ndjson output path, else parquet; --format overrides."""
+    """The output's format: --format, else from its name (.parquet; .jsonl, .json, .ndjson). A name
+    that says neither (scores.csv would get parquet bytes) is refused rather than guessed."""
     if fmt:
         if fmt not in ("parquet", "jsonl"):
-            raise ValueError(f"--format must be parquet or jsonl, got {fmt!r}")
+            raise OutputError(f"--format must be parquet or jsonl, got {fmt!r}")
         return fmt
-    return "jsonl" if output.lower().endswith((".jsonl", ".json", ".ndjson")) else "parquet"
+    suffix = os.path.splitext(output)[1].lower()
+    if suffix not in OUTPUT_SUFFIXES:
+        raise OutputError(f"--output {output}: cannot tell the format from its name; name it .parquet or .jsonl "
+                          "(.json, .ndjson), or pass --format parquet|jsonl to write that format under this name")
+    return OUTPUT_SUFFIXES[suffix]
 
 
 class PartStore:
@@ -163,23 +174,30 @@ class PartStore:
             return {int(k): v for k, v in manifest["parts"].items()}
         for path in (self.output, self.summary_path):
             if os.path.exists(path):
-                if path == self.summary_path and self._summary_hash() == key_hash(key):
+                summary = self._summary()
+                if path == self.summary_path and summary.get("key_hash") == key_hash(key):
                     raise ResumeError(f"{self.output} is gone but {path} of this same finished job is left; "
                                       "pass --overwrite (or remove it) to score again")
-                raise ResumeError(f"{path} exists from another job (different input, model or settings); "
-                                  "remove it, choose another --output, or pass --overwrite")
+                if "key" in summary:   # a finished job: name what differs, as a refused resume does
+                    why = _what_differs(summary["key"], key)
+                else:
+                    why = "different input, model or settings" if summary else "not written by this job"
+                raise ResumeError(f"{path} exists from another job ({why}); remove it, choose another --output, "
+                                  "or pass --overwrite")
         os.makedirs(self.dir, exist_ok=True)
         self.manifest = {"version": MANIFEST_VERSION, "key": key, "key_hash": key_hash(key), "info": info,
                          "parts": {}, "seconds": 0.0}
         write_json(self.manifest_path, self.manifest)
         return {}
 
-    def _summary_hash(self) -> str | None:
+    def _summary(self) -> dict:
+        """The summary beside the output ({} when there is none or it cannot be read)."""
         try:
             with open(self.summary_path, encoding="utf-8") as f:
-                return json.load(f).get("key_hash")
-        except (OSError, ValueError, AttributeError):
-            return None
+                summary = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return summary if isinstance(summary, dict) else {}
 
     def discard_if_empty(self) -> None:
         """Removes the parts directory when no part is committed (a job that failed to start)."""
@@ -213,9 +231,17 @@ class PartStore:
         write_json(self.manifest_path, self.manifest)
 
     # ---- the end ----
+    def _remove_stale_temps(self) -> None:
+        """Temporary files of the output, errors file or summary that a killed run left beside the
+        output (the parts' go with the parts directory). Only this run writes them: it holds the lock."""
+        for path in (self.output, self.errors_path, self.summary_path):
+            for stale in glob.glob(glob.escape(path) + ".tmp-*"):
+                os.remove(stale)
+
     def finalize(self, summary: dict, rank_by: str | None) -> dict:
         """Merges committed parts into the output (adding `rank` within `rank_by` groups), writes the
         errors file and the summary, removes the parts directory. Returns the summary."""
+        self._remove_stale_temps()
         parts = sorted(int(k) for k in self.manifest["parts"])
         data_parts = [k for k in parts if self.manifest["parts"][str(k)]["scored"]]
         ranks = None
@@ -233,6 +259,7 @@ class PartStore:
                     shutil.copyfileobj(src, f)
         atomic_write(self.errors_path, copy_errors)
         summary["key_hash"] = self.manifest["key_hash"]
+        summary["key"] = self.manifest["key"]   # so a rerun with other settings can say which differ
         write_json(self.summary_path, summary)
         shutil.rmtree(self.dir)
         return summary
@@ -244,10 +271,16 @@ def _check_same(old: dict, new: dict, where: str) -> None:
     if old.get("input") != new.get("input"):
         what = "the input changed since this job started (its fingerprint differs)"
     else:
-        diffs = [f"{k}: {a!r} then, {b!r} now" for k, a, b in _differences(old, new)]
-        what = "the model or settings differ from the interrupted job's (" + "; ".join(diffs) + ")"
+        what = f"the model or settings differ from the interrupted job's ({_what_differs(old, new)})"
     raise ResumeError(f"refusing to resume: {what}. Rerun with the original command, or pass --overwrite "
                       f"(or delete {where}) to start over")
+
+
+def _what_differs(old: dict, new: dict) -> str:
+    """`engine.dtype: 'auto' then, 'bfloat16' now; ...` for two job keys."""
+    if old.get("input") != new.get("input"):
+        return "another input: its fingerprint differs"
+    return "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in _differences(old, new))
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:

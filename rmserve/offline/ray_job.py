@@ -20,14 +20,15 @@ import pickle
 import sys
 import time
 from dataclasses import asdict, replace
-from typing import Any
+from typing import Any, Callable, TextIO
 
-from .job import JobConfig, finish, model_path, part_rows, prepare, progress
+from .job import JobConfig, announce, finish, model_path, part_rows, prepare, progress
 from .parts import PartStore, atomic_write
 from .scoring import Encoding, build_outputs, encode_rows, score_samples
 from .shapes import ShapeConfig, make_row
 
 TOKENIZE_CPUS = 0.5    # a tokenize task is light; leave CPUs to the engine actors
+RAY_LOG = "ray.log"    # in OUTPUT.parts/: what Ray prints while the job runs
 
 
 @functools.lru_cache(maxsize=4)
@@ -82,6 +83,31 @@ class _ScoreActor:
         return {"part": np.asarray(batch["part"]), "stats": np.array(stats, dtype=object)}
 
 
+def _output_to(path: str) -> tuple[TextIO, Callable[[], None]]:
+    """Sends this process's stdout and stderr to `path` (file descriptors 1 and 2: Ray's C++ core
+    worker writes there, besides its Python loggers and the workers' forwarded output), so that none
+    of it runs through the progress bar. Returns a stream on the terminal's stderr, for the bar,
+    and the function that puts everything back."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = (os.dup(1), os.dup(2))
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+
+    def restore() -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        console.close()
+
+    return console, restore
+
+
 def run_ray_job(config: JobConfig, address: str | None = None, actors: int | None = None,
                 actor_cpus: float = 1.0, actor_gpus: float | None = None, init_kwargs: dict | None = None) -> dict:
     """Runs (or resumes) the job on Ray. address: a cluster ("auto", "ray://host:10001"); None joins
@@ -90,9 +116,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
     import ray
 
     with prepare(config, "ray") as prep:
-        if prep.done is not None:
-            if not config.quiet:
-                print(f"{config.output} is already complete (same input, model and settings)", file=sys.stderr)
+        if announce(prep):
             return prep.done
         start, before = time.perf_counter(), prep.store.manifest["seconds"]
         todo = []
@@ -103,10 +127,11 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
                 atomic_write(path, lambda f: f.write(blob))
             todo.append(k)
 
+        console, restore_output = _output_to(os.path.join(prep.store.dir, RAY_LOG))   # Ray's lines, not the bar's
         started_here = not ray.is_initialized()
-        if started_here:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=not config.quiet, **(init_kwargs or {}))
         try:
+            if started_here:
+                ray.init(address=address, logging_level="WARNING", **(init_kwargs or {}))
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
             ctx.execution_options.preserve_order = False
@@ -117,7 +142,7 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
             if actor_gpus == 0 and config.engine.device is None:
                 settings = tuple(sorted(asdict(replace(config.engine, device="cpu")).items()))
             common: dict[str, Any] = {"model": config.model, "engine_settings": settings, "shape": prep.shape}
-            bar = progress(prep, config.quiet)
+            bar = progress(prep, config.quiet, console)
             tokens = 0
             if todo:
                 ds = ray.data.from_items([{"part": k} for k in todo], override_num_blocks=len(todo))
@@ -144,4 +169,5 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
         finally:
             if started_here:
                 ray.shutdown()
+            restore_output()
         return finish(prep, before + time.perf_counter() - start)

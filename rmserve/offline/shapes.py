@@ -84,10 +84,14 @@ def parse_raw(raw: Any) -> dict:
             raw = raw.decode("utf-8")
         except UnicodeDecodeError as e:
             raise _Bad(f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    text = raw.rstrip()   # the line end: an error at the end of the row would be "line 2, column 1"
     try:
-        row = json.loads(raw)
+        row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise _Bad(f"malformed JSON: {e.msg} at column {e.colno}") from None
+        where = "" if e.msg.endswith(" at") else " at"
+        cut = (f" (the row ends at column {len(text)}: is the line cut off?)"
+               if e.pos >= len(text) or e.msg.startswith("Unterminated string") else "")
+        raise _Bad(f"malformed JSON: {e.msg}{where} column {e.colno}{cut}") from None
     if not isinstance(row, dict):
         raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
     return row

@@ -19,11 +19,14 @@ import gzip
 import hashlib
 import io
 import os
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 PARQUET_BATCH = 4096
+NEEDS_DATASETS = "reading a Hugging Face dataset needs the `datasets` package: pip install 'rmserve[datasets]'"
+HUB_TIMEOUT_S = 10.0   # hf:<name>: the one metadata request that checks the hub can be reached
 
 
 class SourceError(ValueError):
@@ -131,8 +134,7 @@ class Source:
         try:
             import datasets
         except ImportError as e:
-            raise SourceError("reading a Hugging Face dataset needs the `datasets` package: "
-                              "pip install 'rmserve[datasets]'") from e
+            raise SourceError(NEEDS_DATASETS) from e
         if self.kind == "datasets-dir":
             ds = datasets.load_from_disk(self.path)
             if isinstance(ds, datasets.DatasetDict):
@@ -148,10 +150,40 @@ class Source:
             raise SourceError(f"hf:{self.path}: cannot load it from the hub ({type(e).__name__}: {e})") from None
 
 
+def reach_hub(name: str) -> None:
+    """Refuses at once, with the reason, a hub dataset when the hub cannot be reached: `datasets`
+    itself retries for about 26 s first. One metadata request (HUB_TIMEOUT_S), repeated once after a
+    second; any HTTP answer (found, not found, gated) means the hub is there, and `datasets` then
+    says what is wrong. Offline mode (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) asks nothing: `datasets`
+    loads its cached copy."""
+    import datasets
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.utils import HfHubHTTPError
+
+    if constants.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE:
+        return
+    for attempt in range(2):
+        try:
+            HfApi().dataset_info(name, timeout=HUB_TIMEOUT_S)
+            return
+        except HfHubHTTPError:
+            return
+        except Exception as e:   # no answer at all: a DNS failure, a refused connection, a timeout
+            error = e
+        if attempt == 0:
+            time.sleep(1.0)
+    raise SourceError(f"hf:{name}: cannot reach the hub at {constants.ENDPOINT} ({type(error).__name__}: {error}); "
+                      "check the network, or set HF_HUB_OFFLINE=1 to load a copy cached earlier")
+
+
 def open_source(spec: str, split: str | None = None) -> Source:
     """A path or `hf:<name>[:<split>]` -> Source. Raises SourceError for what cannot be read."""
     if spec.startswith("hf:"):
         name, _, hub_split = spec[3:].partition(":")
+        try:
+            reach_hub(name)
+        except ImportError as e:
+            raise SourceError(NEEDS_DATASETS) from e
         return Source("datasets-hub", name, split or hub_split or None)
     if os.path.isdir(spec):
         if not (os.path.exists(os.path.join(spec, "dataset_info.json"))
