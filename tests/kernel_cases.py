@@ -9,12 +9,15 @@ the kernel allocates with NaN before the launch, and checks the kernel against i
 from __future__ import annotations
 
 import contextlib
+import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from rmserve.config import RopeSpec
 from rmserve.kernels import gate_combine, gather_project, rmsnorm, rope, silu_mul
+from rmserve.kernels.dispatch import interpreting
 from rmserve.model.rope import inv_freq
 
 # Kernel vs the PyTorch path in the same dtype. fp32: only the summation order differs (a few
@@ -32,7 +35,8 @@ LOW = (torch.bfloat16, torch.float16)
 @contextlib.contextmanager
 def poisoned_outputs():
     """Every float tensor allocated with torch.empty / empty_like inside is filled with NaN, so an
-    element a kernel forgets to write shows up as NaN."""
+    element a kernel forgets to write shows up as NaN; under Triton's interpreter, an element that
+    two programs write fails too (one_writer_per_element)."""
     empty, empty_like = torch.empty, torch.empty_like
 
     def poison(t):
@@ -41,9 +45,51 @@ def poisoned_outputs():
     torch.empty = lambda *a, **k: poison(empty(*a, **k))
     torch.empty_like = lambda *a, **k: poison(empty_like(*a, **k))
     try:
-        yield
+        with one_writer_per_element() if interpreting() else contextlib.nullcontext():
+            yield
     finally:
         torch.empty, torch.empty_like = empty, empty_like
+
+
+@contextlib.contextmanager
+def one_writer_per_element():
+    """Fails when two programs of a launch store to the same element. The interpreter runs the
+    programs one after another, so such an overlap (a write race on a GPU: blocks of one output
+    range running into another's) would only show as the later write winning, which may be the right
+    value. Records, for every store, the addresses written and the program writing them (the
+    interpreter's InterpreterBuilder.create_masked_store, which every tl.store goes through)."""
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    original = builder.create_masked_store
+    writer: dict[int, tuple] = {}   # address -> (launch, program) that first stored there
+    clashes: list[tuple] = []
+    launches = [0]
+
+    def record(self, ptrs, value, mask, *rest):
+        program = (launches[0], *self.grid_idx)
+        written = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+        for address in written.ravel().tolist():
+            first = writer.setdefault(address, program)
+            if first[0] == program[0] and first != program:
+                clashes.append((address, first[1:], program[1:]))
+        return original(self, ptrs, value, mask, *rest)
+
+    grid_call = interpreter.GridExecutor.__call__
+
+    def count_launch(self, *args, **kwargs):
+        launches[0] += 1
+        return grid_call(self, *args, **kwargs)
+
+    builder.create_masked_store = record
+    interpreter.GridExecutor.__call__ = count_launch
+    try:
+        yield
+    finally:
+        builder.create_masked_store = original
+        interpreter.GridExecutor.__call__ = grid_call
+    assert not clashes, (f"{len(clashes)} elements written by two programs of one launch, e.g. address "
+                         f"{clashes[0][0]} by programs {clashes[0][1]} and {clashes[0][2]}")
 
 
 def check(got, want, dtype, what=""):
@@ -75,10 +121,28 @@ def case_rms_norm(g, T, H, dtype, device, residual: bool):
     want = rmsnorm.add_rms_norm_ref(x, r, w, eps) if residual else (rmsnorm.rms_norm_ref(x, w, eps), x)
     check(got[0], want[0], dtype, "rms_norm")
     assert torch.equal(got[1], want[1]), "residual sum differs from x + residual"
+    if dtype == torch.float16 and device == "cpu":   # the interpreter's fp16 arithmetic is real
+        check_rms_norm_cast_points(got[0], want[1], w, eps)
     if dtype in LOW:
         total = (r.float() + x.float()) if residual else x.float()
         oracle = rmsnorm.rms_norm_ref(total, w.float(), eps)
         check_2x(got[0], want[0], oracle, "rms_norm")
+
+
+def check_rms_norm_cast_points(got, x, w, eps):
+    """The cast points of rms_norm exactly: `got` equals rms_norm_ref bit for bit, but for elements
+    where the reference itself moves when its fp32 row statistic moves by 8 fp32 ulps (the kernel
+    sums the squares in another order). Rounding is monotone, so the output for any statistic in
+    that range is the output at one end of it. A kernel that skips the cast back to x's dtype before
+    the weight (rounding once) is closer to the fp32 result, so the tolerance and 2x rules pass it;
+    here about a fifth of the elements differ by an ulp."""
+    xf = x.float()
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    lo, hi = (w * (xf * (inv * (1 + d))).to(x.dtype) for d in (-2.0 ** -20, 2.0 ** -20))
+    assert ((lo == hi).float().mean() > 0.9).item(), "the exact check would be vacuous on these inputs"
+    wrong = (got != lo) & (got != hi)
+    assert not wrong.any(), (f"rms_norm: {int(wrong.sum())} of {got.numel()} elements differ from the reference's "
+                             "cast points (x -> fp32 statistics -> x.dtype -> * weight)")
 
 
 def case_silu_mul(g, T, inter, dtype, device):
@@ -91,9 +155,32 @@ def case_silu_mul(g, T, inter, dtype, device):
         check_2x(got, want, silu_mul.silu_mul_ref(x.float()), "silu_mul")
 
 
+def inv_freq_oracle(spec: RopeSpec, head_dim: int) -> torch.Tensor:
+    """The inverse frequencies from the spec's formula (../shared/spec/reward-models.md, Llama-3 RoPE
+    scaling) in float64 Python, written apart from rmserve/model/rope.py: the kernel and its
+    reference both take inv_freq's output, so only this can see a mistake in it."""
+    out = []
+    for i in range(0, head_dim, 2):
+        inv = 1.0 / spec.theta ** (i / head_dim)
+        if spec.llama3_factor is not None:
+            factor, low, high, orig = (spec.llama3_factor, spec.low_freq_factor, spec.high_freq_factor,
+                                       spec.original_max_position)
+            wavelen = 2 * math.pi / inv
+            if wavelen > orig / low:
+                inv = inv / factor
+            elif wavelen >= orig / high:
+                s = (orig / wavelen - low) / (high - low)
+                inv = (1 - s) * inv / factor + s * inv
+        out.append(inv)
+    return torch.tensor(out, dtype=torch.float64)
+
+
 def case_rope(g, T, n_q, n_kv, head_dim, dtype, device, llama3: bool, max_pos: int):
     spec = RopeSpec(theta=500000.0, llama3_factor=8.0 if llama3 else None)
-    inv = inv_freq(spec, head_dim).to(device)
+    inv = inv_freq(spec, head_dim)
+    # fp32 arithmetic on the way (pow, divide, the smoothing): a few fp32 ulps (1.2e-7 each) of relative error
+    torch.testing.assert_close(inv.double(), inv_freq_oracle(spec, head_dim), rtol=2e-6, atol=0)
+    inv = inv.to(device)
     pos = torch.randint(0, max_pos, (T,), generator=g).to(device)
     pos[0] = 0
     width = (n_q + 2 * n_kv) * head_dim
@@ -104,7 +191,8 @@ def case_rope(g, T, n_q, n_kv, head_dim, dtype, device, llama3: bool, max_pos: i
         return q.view(T, n_q, head_dim), k.view(T, n_kv, head_dim), v
 
     got, want, oracle = qkv.clone(), qkv.clone(), qkv.float()
-    rope.rope(*split(got)[:2], pos, inv)
+    with one_writer_per_element() if interpreting() else contextlib.nullcontext():   # in place: no poisoning
+        rope.rope(*split(got)[:2], pos, inv)
     rope.rope_ref(*split(want)[:2], pos, inv)
     rope.rope_ref(*split(oracle)[:2], pos, inv)
     assert torch.equal(split(got)[2], split(qkv)[2]), "rope wrote into v"

@@ -147,10 +147,14 @@ def test_check_conversation_returns_plain_messages():
         check_conversation(None)
 
 
-SHARED_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "llama3-tokenizer")
+# The real Llama 3 tokenizer files: RMSERVE_LLAMA3_TOKENIZER, else ../shared beside the clone (not in it).
+SHARED_TOKENIZER = os.environ.get("RMSERVE_LLAMA3_TOKENIZER") or os.path.join(
+    os.path.dirname(__file__), "..", "..", "shared", "data", "llama3-tokenizer")
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER), reason="the real Llama 3 tokenizer is not beside this clone")
+@pytest.mark.skipif(not os.path.isdir(SHARED_TOKENIZER),
+                    reason=f"no Llama 3 tokenizer directory at {os.path.abspath(SHARED_TOKENIZER)}; set "
+                           "RMSERVE_LLAMA3_TOKENIZER to one (tokenizer.json, tokenizer_config.json) to run it")
 def test_real_llama3_tokenizer_gating_ids_and_bos():
     import json
 

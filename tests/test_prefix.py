@@ -3,8 +3,9 @@
 The oracle is the same engine with share_prefix=False (itself checked against transformers in
 test_exact.py), plus transformers directly on a few samples. Samples are built at the token
 level so that every awkward case is present: prefixes ending mid-turn, the gating token in the
-shared prompt or in a member's own tokens, groups of one, a suffix of one token, identical
-samples, and grouped samples mixed with ungrouped ones, under token budgets that split groups.
+shared prompt or in a member's own tokens (and exactly at the boundary: the last prefix token, the
+first own token), groups of one, a suffix of one token, identical samples, and grouped samples
+mixed with ungrouped ones, under token budgets that split groups.
 """
 import random
 
@@ -35,6 +36,7 @@ def make_samples(engine: Engine, rng: random.Random) -> tuple[list[list[int]], l
     gated = engine.model.head.needs_gate
     samples: list[list[int]] = []
     keys: list = []
+    boundary: list[tuple[list[int], tuple]] = []   # in this order, after the shuffled samples
 
     def add(ids, key):
         samples.append(list(ids))
@@ -56,9 +58,10 @@ def make_samples(engine: Engine, rng: random.Random) -> tuple[list[list[int]], l
             k = rng.randint(lo, len(s) - 1)
             add(s[:k] + random_tail(rng, rng.randint(1, 15)), ("cut", b))
         add(s, ("cut", b))
-        # a suffix of one token: the sample and itself with another last token
-        add(s, ("one", b))
-        add(s[:-1] + random_tail(rng, 1), ("one", b))
+        # a suffix of one token: the sample with two other last tokens (not s itself: the engine
+        # scores a sample repeated in another group once, there)
+        for last in rng.sample([x for x in range(256) if x != s[-1]], 2):
+            add(s[:-1] + [last], ("one", b))
         # identical samples: each must keep one token of its own
         for _ in range(3):
             add(s, ("same", b))
@@ -70,12 +73,23 @@ def make_samples(engine: Engine, rng: random.Random) -> tuple[list[list[int]], l
             for _ in range(2):
                 j = rng.randint(1, og)
                 add(s[:k] + other[j:j + og - j + 5 + rng.randint(1, 10)], ("gate-in-suffix", b))
+        # the gating token at the prefix boundary, on purpose: two members whose pattern starts at
+        # their first own token, or at the last prefix token, beside one that differs right there.
+        # That one comes first in its group (kept out of the shuffle below): the prefix segment is
+        # then followed by its own tokens, so a gate read one row too far lands on another token.
+        # (Every sample distinct: the engine scores a repeated sample once.)
+        if gated:
+            t = rng.choice([x for x in range(256) if x not in (s[g], s[g + 1])])
+            for key, cut in (("gate-first-own", g), ("gate-last-prefix", g + 1)):
+                boundary.append((s[:cut] + [t] + s[g:], (key, b)))
+                boundary.extend((s[:-1] + random_tail(rng, 3), (key, b)) for _ in range(2))
         # a group of one and an ungrouped sample
         add(s[: rng.randint(lo, len(s))], ("alone", b))
         add(list(bases[b].ids), None)
     order = list(range(len(samples)))
     rng.shuffle(order)
-    return [samples[i] for i in order], [keys[i] for i in order]
+    return ([samples[i] for i in order] + [list(ids) for ids, _ in boundary],
+            [keys[i] for i in order] + [key for _, key in boundary])
 
 
 def assert_results_close(got, want, what):
@@ -104,14 +118,22 @@ def test_sharing_equals_plain(tiny_model, family, rng):
     encoded = plain.encode(samples)
     assert all(isinstance(e, Encoded) for e in encoded)
     want = plain.score(samples)
+    distinct = sorted({e: i for i, e in reversed(list(enumerate(encoded)))}.values())   # what the engine runs
+    encoded = [encoded[i] for i in distinct]
     for hints in (keys, None):
         cfg = shared.config
-        batches = plan_call(encoded, hints, min_shared=cfg.share_min_tokens, max_tokens=cfg.max_batch_tokens,
-                            max_seqs=cfg.max_batch_seqs)
+        batches = plan_call(encoded, hints and [hints[i] for i in distinct], min_shared=cfg.share_min_tokens,
+                            max_tokens=cfg.max_batch_tokens, max_seqs=cfg.max_batch_seqs)
         lengths = [len(e) for e in encoded]
         # the test must exercise sharing: some groups share, fewer tokens run than without
         assert any(g.prefix > 0 for b in batches for g in b)
         assert computed_tokens(batches, lengths) < sum(lengths)
+        if hints is keys:   # and the boundary layouts: a suffix of one token; the gate at either side
+            in_groups = [(g.prefix, m) for b in batches for g in b if g.prefix for m in g.members]
+            assert any(lengths[m] == p + 1 for p, m in in_groups)
+            if plain.model.head.needs_gate:
+                gates = {encoded[m].gate - p for p, m in in_groups}
+                assert {-1, 0} <= gates, gates
         got = shared.score(samples, groups=hints)
         assert_results_close(got, want, f"{family} hints={'yes' if hints else 'auto'}")
 
