@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from rmserve import Engine, EngineConfig
+from rmserve.cli import main
 from rmserve.offline import EXIT_BAD_ROWS, JobConfig, ResumeError, ShapeConfig, SourceError, run_job
 from rmserve.offline.job import prepare
 
@@ -33,7 +34,7 @@ def _job(inp, out, model, **kw):
     return run_job(JobConfig(str(inp), str(out), model, quiet=True, **kw))
 
 
-def test_readme_command(tmp_path):
+def test_readme_command(tmp_path, monkeypatch, capsys):
     """The README's main command, as written, from the repository root (its output in a temporary
     directory here; README's goes to out/, which git ignores)."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
@@ -63,10 +64,12 @@ def test_readme_command(tmp_path):
     assert summary["names"][0] == "helpsteer-helpfulness" and summary["exit_code"] == 0
     assert (tmp_path / "scores.jsonl.errors.jsonl").read_text() == ""
     assert not (tmp_path / "scores.jsonl.parts").exists()
-    # The same command again: already complete, nothing rewritten.
+    # The same command again (in this process): already complete, nothing rewritten.
     before = out.read_bytes()
-    r = cli("score", "examples/conversations.jsonl", "--model", "tiny:armorm", "--output", out, env=env)
-    assert r.returncode == 0 and "already complete" in r.stderr and out.read_bytes() == before
+    monkeypatch.setenv("RMSERVE_CACHE", env["RMSERVE_CACHE"])
+    monkeypatch.chdir(REPO)
+    assert main(["score", "examples/conversations.jsonl", "--model", "tiny:armorm", "--output", str(out)]) == 0
+    assert "already complete" in capsys.readouterr().err and out.read_bytes() == before
 
 
 def test_every_input_kind_gives_the_same_output(tmp_path, tiny_model, rng):
@@ -132,7 +135,7 @@ BAD_ROWS = [  # (raw line or row, expected reason substring); ids are the row's 
 ]
 
 
-def test_bad_rows_go_to_the_errors_file(tmp_path, rng):
+def test_bad_rows_go_to_the_errors_file(tmp_path, rng, monkeypatch, capsys):
     good = {"good0", "good1", "good2"}
     path = tmp_path / "bad.jsonl"
     with open(path, "wb") as f:
@@ -142,11 +145,12 @@ def test_bad_rows_go_to_the_errors_file(tmp_path, rng):
             f.write(row if isinstance(row, bytes) else (row if isinstance(row, str) else json.dumps(row)).encode())
             f.write(b"\n\n")   # blank lines are not rows
     out = tmp_path / "out.parquet"
-    env = {"RMSERVE_CACHE": str(tmp_path / "cache")}
-    r = cli("score", path, "--model", "tiny:armorm", "--output", out, "--max-length", "150", "--part-rows", "5",
-            "--quiet", env=env)
-    assert r.returncode == EXIT_BAD_ROWS, r.stderr
-    assert "14 errors" in r.stderr and "bad rows are listed in" in r.stderr
+    monkeypatch.setenv("RMSERVE_CACHE", str(tmp_path / "cache"))
+    code = main(["score", str(path), "--model", "tiny:armorm", "--output", str(out), "--max-length", "150",
+                 "--part-rows", "5", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == EXIT_BAD_ROWS, err
+    assert "14 errors" in err and "bad rows are listed in" in err
     errors = read_jsonl(str(out) + ".errors.jsonl")
     expected = [(i, why) for i, (_, why) in enumerate(BAD_ROWS) if why]
     assert [e["row"] for e in errors] == [i for i, _ in expected]
@@ -240,7 +244,7 @@ def test_multi_responses_in_one_row(tmp_path, tiny_model, rng):
     assert s["mean_best_score"] == pytest.approx(best_sum / 3, rel=RTOL, abs=RTOL)
 
 
-def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng):
+def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng, capsys):
     model = tiny_model("bt")
     inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": random_conversation(rng)} for _ in range(6)])
     out = tmp_path / "out.parquet"
@@ -253,9 +257,10 @@ def test_changed_input_or_settings_are_refused(tmp_path, tiny_model, rng):
         _job(inp, out, model, part_rows=3)
     with open(inp, "a", encoding="utf-8") as f:
         f.write(json.dumps({"messages": random_conversation(rng)}) + "\n")
-    r = cli("score", inp, "--model", model, "--output", out, "--part-rows", 2, "--max-batch-tokens", 300,
-            "--dtype", "float32", "--device", "cpu", "--quiet")
-    assert r.returncode == 2 and "the input changed" in r.stderr, r.stderr
+    code = main(["score", str(inp), "--model", model, "--output", str(out), "--part-rows", "2", "--max-batch-tokens",
+                 "300", "--dtype", "float32", "--device", "cpu", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the input changed" in err, err
     s = _job(inp, out, model, part_rows=2, overwrite=True)
     assert s["rows"] == 7 and s["exit_code"] == 0
     # A finished output is not silently replaced by a different job, and what differs is named.

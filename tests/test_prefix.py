@@ -262,9 +262,10 @@ def test_sharing_with_triton_kernels(tiny_model, rng):
     # share_min_tokens=4: a random prompt can be shorter than the default 16 shared tokens
     shared = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", kernels="triton",
                                     share_min_tokens=4)
-    prompt = random_conversation(rng, max_turns=2, hi=10)[:-1]
+    # short texts: every token runs through the interpreter, program by program
+    prompt = random_conversation(rng, max_turns=1, hi=6)[:-1]
     convs = [prompt + [{"role": "assistant", "content": random_text(rng, 1, 6)}] for _ in range(3)]
-    convs.append(random_conversation(rng, max_turns=1, hi=10))
+    convs.append(random_conversation(rng, max_turns=1, hi=6))
     assert find_groups([e.ids for e in shared.encode(convs)], min_shared=4)[0].prefix > 0
     assert_results_close(shared.score(convs), plain.score(convs), "triton kernels")
 

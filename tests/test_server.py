@@ -87,6 +87,9 @@ def start_server(tmp_path_factory):
         return server, path
 
     yield start
+    for s in servers:   # all drain at once
+        if s.proc.poll() is None:
+            s.proc.terminate()
     for s in servers:
         s.stop()
 
@@ -114,9 +117,32 @@ def too_long(rng, n_words=120):
 # Concurrency integrity and metrics
 
 
+@pytest.fixture(scope="module")
+def family_server(start_server):
+    """family_server(family) -> (Server, checkpoint path): one server per family for the tests below
+    (a server start is seconds); they count the server's metrics as differences."""
+    servers = {}
+
+    def get(family):
+        if family not in servers:
+            servers[family] = start_server(family, "--max-batch-tokens", "1024", "--max-length", "256",
+                                           "--strip-padding", "[PAD]", "--strip-padding", "<|end_of_text|>")
+        return servers[family]
+
+    return get
+
+
+def metrics_since(url: str, before: dict) -> dict:
+    """Counters and histograms as increases since `before`; gauges (no _total/_sum/_count/_bucket) as they are."""
+    now = metrics(url)
+    counted = ("_total", "_sum", "_count", "_bucket")
+    return {k: v - before.get(k, 0) if k[0].endswith(counted) else v for k, v in now.items()}
+
+
 @pytest.mark.parametrize("family", ["armorm", "urm"])
-def test_concurrent_requests_get_their_own_answers(start_server, family, rng):
-    server, path = start_server(family, "--max-batch-tokens", "1024", "--max-length", "256")
+def test_concurrent_requests_get_their_own_answers(family_server, family, rng):
+    server, path = family_server(family)
+    before = metrics(server.url)
     engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_length=256)
     requests = []
     for _ in range(200):
@@ -134,7 +160,7 @@ def test_concurrent_requests_get_their_own_answers(start_server, family, rng):
                                           for c, d in requests))
 
     answers = asyncio.run(run())
-    m = metrics(server.url)
+    m = metrics_since(server.url, before)
     ok_tokens = ok_samples = item_errors = 0
     for n, ((convs, draws), resp) in enumerate(zip(requests, answers)):
         want_all = engine.score(convs, **draws)
@@ -162,10 +188,10 @@ def test_concurrent_requests_get_their_own_answers(start_server, family, rng):
     assert m[("rmserve_tokens_per_second",)] > 0
 
 
-def test_get_reward_openrlhf_protocol(start_server, rng):
-    server, path = start_server("qrm", "--strip-padding", "[PAD]", "--strip-padding", "<|end_of_text|>")
-    engine = Engine.from_pretrained(path, dtype="float32", device="cpu")
-    convs = [random_conversation(rng) for _ in range(6)]
+def test_get_reward_openrlhf_protocol(family_server, rng):
+    server, path = family_server("armorm")
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_length=256)   # as the server
+    convs = [random_conversation(rng, max_turns=2, hi=8) for _ in range(6)]   # within --max-length 256
     texts = [engine.preprocessor.render(c) for c in convs]
     # a trainer's left and right padding, decoded into the text, is removed before scoring
     texts[1] = "[PAD][PAD]<|end_of_text|>" + texts[1] + "[PAD]<|end_of_text|>"
@@ -175,6 +201,7 @@ def test_get_reward_openrlhf_protocol(start_server, rng):
     assert resp.status_code == 200, resp.text
     out = resp.json()
     want = engine.score(convs)
+    assert all(w.ok for w in want)
     got = out["rewards"][:2] + out["rewards"][3:]
     assert got == pytest.approx([w.score for w in want], rel=1e-5, abs=1e-5)
     assert out["scores"] == out["rewards"]
