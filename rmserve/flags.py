@@ -25,15 +25,17 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
-def add_engine_flags(group) -> None:
-    """The engine settings every subcommand that loads a model takes (EngineConfig fields)."""
+def add_engine_flags(group, bos_note: str | None = None) -> None:
+    """The engine settings every subcommand that loads a model takes (EngineConfig fields).
+    bos_note: what the subcommand adds to --bos's help."""
     group.add_argument("--dtype", default="auto", metavar="DTYPE",
                        help=f"model dtype: {', '.join(DTYPES)}; auto is bfloat16 on CUDA, float32 on the CPU")
     group.add_argument("--device", default=None,
                        help="cpu, cuda or cuda:N (default: cuda when this machine has it, else cpu)")
     group.add_argument("--bos", default="one", choices=BOS,
                        help="BOS policy: exactly one BOS (one), the rendered template's own (template), or the "
-                            "tokenizer's added to it (tokenizer); see README 'Tokenization and BOS'")
+                            "tokenizer's added to it (tokenizer); see README 'Tokenization and BOS'"
+                            + (f"; {bos_note}" if bos_note else ""))
     group.add_argument("--max-length", type=int, default=None,
                        help="longest sample in tokens; longer ones get an error (default: the model's maximum)")
     group.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one packed batch")

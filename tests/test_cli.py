@@ -13,10 +13,15 @@ from rmserve import flags
 from rmserve.cli import build_parser, main
 
 
-def _subcommands() -> dict[str, argparse.ArgumentParser]:
-    parser = build_parser()
-    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(sub.choices)
+def _subcommands(parser=None, prefix="") -> dict[str, argparse.ArgumentParser]:
+    """Every leaf subcommand ("score", "eval rewardbench", ...) -> its parser."""
+    parser = parser or build_parser()
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                out.update(_subcommands(sub, f"{prefix}{name} ") or {f"{prefix}{name}": sub})
+    return out
 
 
 def test_version(capsys):
@@ -25,7 +30,7 @@ def test_version(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"rmserve {rmserve.__version__}"
 
 
-@pytest.mark.parametrize("command", ["score", "serve"])
+@pytest.mark.parametrize("command", list(_subcommands()))
 def test_every_flag_has_help_its_default_and_choices(command):
     sub = _subcommands()[command]
     text = sub.format_help()
@@ -40,7 +45,7 @@ def test_every_flag_has_help_its_default_and_choices(command):
             assert "default" in shown, f"{command} {name}: its default {action.default!r} is not shown"
         for choice in action.choices or ():
             assert choice in text, f"{command} {name}: choice {choice!r} not in the help"
-    for words in (flags.DTYPES, flags.BOS) + ((flags.ATTENTION, flags.KERNELS) if command == "score" else ()):
+    for words in (flags.DTYPES, flags.BOS) + ((flags.ATTENTION, flags.KERNELS) if command != "serve" else ()):
         assert all(w in " ".join(text.split()) for w in words), words   # listed (argparse wraps lines)
 
 

@@ -266,6 +266,10 @@ INVALID = {
     "model-surrogate": ("/v1/score", {"conversations": [GOOD], "model": "m\ud800"}, JSON, 404,
                         "model 'm\ud800' is not served here"),
     "reward-surrogate": ("/get_reward", {"query": ["ok", "a\ud800"]}, JSON, 422, "query.1: Input should be a valid string"),
+    "classify-surrogate": ("/classify", {"messages": [GOOD[0], {"role": "assistant", "content": "a\ud800"}]}, JSON, 422,
+                           "input[0] cannot be scored: the text is not valid Unicode: a lone surrogate"),
+    "classify-model-surrogate": ("/classify", {"model": "m\ud800", "input": "hi"}, JSON, 404,
+                                 "model 'm\ud800' is not served here"),
 }
 
 

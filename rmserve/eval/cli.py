@@ -6,29 +6,28 @@ import sys
 
 
 def add_parser(sub) -> None:
+    from ..flags import HelpFormatter, add_engine_flags, add_kernel_flags
+
     e = sub.add_parser("eval", help="run a reward-model benchmark (RewardBench, RewardBench 2)",
                        description="Score a benchmark as one resumable offline job and print its official scores.")
     benches = e.add_subparsers(dest="benchmark", required=True)
     for name, title, hub in (("rewardbench", "RewardBench (v1)", "hf:allenai/reward-bench (split filtered)"),
                              ("rewardbench2", "RewardBench 2", "hf:allenai/reward-bench-2 (split test)")):
         b = benches.add_parser(name, help=f"{title}: per-subset accuracy and the leaderboard scores",
-                               description=f"{title}. Rerun the same command to resume an interrupted run.")
+                               description=f"{title}. Rerun the same command to resume an interrupted run.",
+                               formatter_class=HelpFormatter)
         b.add_argument("input", nargs="?", default=None,
                        help=f".jsonl, .parquet, a datasets directory or hf:<name>[:<split>] (default: {hub})")
         b.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
         b.add_argument("--output", required=True,
-                       help="per-row scores (parquet, or jsonl for a .jsonl name); OUTPUT.results.json beside it")
-        b.add_argument("--format", choices=["parquet", "jsonl"], default=None)
-        b.add_argument("--split", default=None, help="datasets split")
+                       help="per-row scores: .parquet, or .jsonl (or any name with --format), in an existing "
+                            "directory; OUTPUT.results.json beside it")
+        b.add_argument("--format", choices=["parquet", "jsonl"], default=None,
+                       help="output format (default: from the --output name)")
+        b.add_argument("--split", default=None, help="split of a datasets directory or hub dataset")
         g = b.add_argument_group("engine")
-        g.add_argument("--dtype", default="auto")
-        g.add_argument("--device", default=None)
-        g.add_argument("--attention", default="auto")
-        g.add_argument("--max-batch-tokens", type=int, default=16384)
-        g.add_argument("--max-length", type=int, default=None)
-        g.add_argument("--bos", default="one", choices=["one", "template", "tokenizer"],
-                       help="BOS policy (the official runner's transformers pipeline is 'tokenizer')")
-        g.add_argument("--kernels", default="auto", choices=["auto", "triton", "torch"])
+        add_engine_flags(g, bos_note="the official runner's transformers pipeline is 'tokenizer'")
+        add_kernel_flags(g)
         j = b.add_argument_group("job")
         j.add_argument("--part-rows", type=int, default=2048, help="input rows per committed part")
         j.add_argument("--quiet", action="store_true", help="no progress bar")
