@@ -86,12 +86,17 @@ class _ScoreActor:
 def _output_to(path: str) -> tuple[TextIO, Callable[[], None]]:
     """Sends this process's stdout and stderr to `path` (file descriptors 1 and 2: Ray's C++ core
     worker writes there, besides its Python loggers and the workers' forwarded output), so that none
-    of it runs through the progress bar. Returns a stream on the terminal's stderr, for the bar,
-    and the function that puts everything back."""
+    of it runs through the progress bar. Returns the stream for the bar (the terminal's stderr; or
+    sys.stderr itself where it is not file descriptor 2, a notebook's, say) and the function that
+    puts everything back."""
     sys.stdout.flush()
     sys.stderr.flush()
+    try:
+        own_stream = sys.stderr.fileno() != 2
+    except (AttributeError, OSError, ValueError):   # io.UnsupportedOperation: no file descriptor
+        own_stream = True
     saved = (os.dup(1), os.dup(2))
-    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    console = sys.stderr if own_stream else os.fdopen(os.dup(saved[1]), "w", buffering=1)
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     os.dup2(log, 2)
@@ -103,7 +108,8 @@ def _output_to(path: str) -> tuple[TextIO, Callable[[], None]]:
         for fd, copy in zip((1, 2), saved):
             os.dup2(copy, fd)
             os.close(copy)
-        console.close()
+        if console is not sys.stderr:
+            console.close()
 
     return console, restore
 
