@@ -131,12 +131,15 @@ BAD_ROWS = [  # (raw line or row, expected reason substring); ids are the row's 
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}, "missing field 'id'"),
     ({"id": "good2"}, None),
     ('{"id": "surrogate", "messages": [{"role": "user", "content": "a \\ud800"}, {"role": "assistant", "content": "b"}]}',
-     "lone surrogate '\\ud800'"),
+     "a lone UTF-16 surrogate ('\\ud800' without its pair)"),
+    ('{"id": "\\uDC00", "messages": [{"role": "user", "content": "\\ud83d\\ude42"}, {"role": "assistant", "content": "b"}]}',
+     "a lone UTF-16 surrogate ('\\udc00' without its pair)"),   # the id (its pair in the text is fine)
+    ({"id": "good3"}, None),
 ]
 
 
 def test_bad_rows_go_to_the_errors_file(tmp_path, rng, monkeypatch, capsys):
-    good = {"good0", "good1", "good2"}
+    good = {"good0", "good1", "good2", "good3"}
     path = tmp_path / "bad.jsonl"
     with open(path, "wb") as f:
         for row, _ in BAD_ROWS:
@@ -150,7 +153,7 @@ def test_bad_rows_go_to_the_errors_file(tmp_path, rng, monkeypatch, capsys):
                  "--part-rows", "5", "--quiet"])
     err = capsys.readouterr().err
     assert code == EXIT_BAD_ROWS, err
-    assert "14 errors" in err and "bad rows are listed in" in err
+    assert "15 errors" in err and "bad rows are listed in" in err
     errors = read_jsonl(str(out) + ".errors.jsonl")
     expected = [(i, why) for i, (_, why) in enumerate(BAD_ROWS) if why]
     assert [e["row"] for e in errors] == [i for i, _ in expected]
@@ -159,9 +162,9 @@ def test_bad_rows_go_to_the_errors_file(tmp_path, rng, monkeypatch, capsys):
     assert [e["id"] for e in errors if e["row"] in (1, 2, 3, 12, 14)] == [None] * 5   # the id could not be read
     assert [e["id"] for e in errors][3:6] == ["nomsg", "role", "lastuser"]
     df = pd.read_parquet(out)
-    assert df["id"].tolist() == ["good0", "good1", "good2"] and df["score"].notna().all()
+    assert df["id"].tolist() == ["good0", "good1", "good2", "good3"] and df["score"].notna().all()
     summary = json.loads(open(str(out) + ".summary.json").read())
-    assert (summary["rows"], summary["scored"], summary["errors"], summary["exit_code"]) == (17, 3, 14, 3)
+    assert (summary["rows"], summary["scored"], summary["errors"], summary["exit_code"]) == (19, 4, 15, 3)
 
 
 def test_pairs_margin_and_accuracy(tmp_path, tiny_model, rng):

@@ -94,6 +94,11 @@ def parse_raw(raw: Any) -> dict:
         raise _Bad(f"malformed JSON: {e.msg}{where} column {e.colno}{cut}") from None
     if not isinstance(row, dict):
         raise _Bad(f"a row must be a JSON object, got {type(row).__name__}")
+    if "\\ud" in text.lower():   # an escaped UTF-16 half: alone, no output file can hold it, no tokenizer take it
+        try:
+            json.dumps(row, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Bad(f"not valid Unicode: a lone UTF-16 surrogate ({e.object[e.start]!r} without its pair)") from None
     return row
 
 
