@@ -4,6 +4,7 @@ While a job runs, `<output>.parts/` holds
     manifest.json            the job's key (input fingerprint, model, settings) and committed parts
     part-000012.parquet      output rows of part 12 (rows 12*part_rows ... ), or .jsonl
     errors-000012.jsonl      that part's bad rows
+    ray.log                  (a Ray job) what Ray printed while it ran (ray_job.py)
 Every file is written to a temporary name, fsynced, then renamed into place, and the directory
 fsynced; a part counts only once the manifest (written the same way) lists it. A job killed at any
 moment leaves at worst an uncommitted part file, which the rerun writes again from the same rows
