@@ -275,7 +275,7 @@ def test_event_loop_stays_responsive(tmp_path, rng):
     path = write_tiny_checkpoint(str(tmp_path), "bt", hidden=256, intermediate=768, layers=4)
     # One batch for everything: run on the loop, it would stall the loop for nearly all the time.
     engine = Engine.from_pretrained(path, dtype="float32", device="cpu", max_batch_tokens=10 ** 6)
-    # ~1 s of scoring on one torch thread: run on the loop, one batch would stall it nearly all the time
+    # ~2 s of scoring on one torch thread: run on the loop, one batch would stall it nearly all the time
     convs = [random_conversation(random.Random(i), max_turns=4, hi=100) for i in range(8)]
 
     async def main():

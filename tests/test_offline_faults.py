@@ -8,7 +8,6 @@ One engine serves every run (Engine.from_pretrained is patched to return it), so
 milliseconds and the whole sweep takes seconds.
 """
 import builtins
-import json
 import os
 
 import pandas as pd
