@@ -2,9 +2,59 @@
 
 The Triton kernels live in the top-level ``kernels/`` folder and install as
 ``rmserve.kernels`` (Hugging Face's ``kernels`` distribution owns the
-top-level name). No CUDA extension is built yet: ``csrc/`` does not exist.
+top-level name). The CUDA C++ ops in ``csrc/`` (FP8 quantization fused into the
+norm and activation) build as ``rmserve._C`` only where they can, as
+flash-attention's setup.py decides: a CUDA build of torch importable while
+building (``pip install -e . --no-build-isolation``) and ``nvcc`` present.
+RMSERVE_BUILD_CSRC=auto (default) builds them where it can and says why not
+elsewhere; 1 requires them (the build fails with the reason); 0 skips them.
+A CPU install never imports torch here, so it stays as fast as without csrc.
 """
+import os
+import re
+import shutil
+import sys
+from importlib.util import find_spec
+
 from setuptools import setup
+
+CSRC = ["csrc/torch_bindings.cpp", "csrc/quant.cu", "csrc/norm_quant.cu", "csrc/act_quant.cu"]
+# FP8 conversions and torch._scaled_mm need sm_89+; TORCH_CUDA_ARCH_LIST overrides.
+DEFAULT_ARCHS = "8.9;9.0a"
+
+
+def _csrc_blocker() -> str | None:
+    """Why csrc cannot be built here, or None. Reads torch/version.py instead of importing torch."""
+    spec = find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return "torch is not importable in the build environment (pip builds in isolation: add --no-build-isolation)"
+    with open(os.path.join(spec.submodule_search_locations[0], "version.py"), encoding="utf-8") as f:
+        cuda = re.search(r"^cuda\b.*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)
+    if cuda is None:
+        return "torch is a CPU build (torch.version.cuda is None)"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if not (home and os.path.exists(os.path.join(home, "bin", "nvcc"))) and shutil.which("nvcc") is None:
+        return "nvcc was not found (set CUDA_HOME or put nvcc on PATH)"
+    return None
+
+
+def csrc_extension() -> dict:
+    """setup() arguments that build csrc/ as rmserve._C, or none (with the reason on stderr)."""
+    mode = os.environ.get("RMSERVE_BUILD_CSRC", "auto")
+    if mode not in ("auto", "1", "0"):
+        sys.exit(f"RMSERVE_BUILD_CSRC must be auto, 1 or 0, got {mode!r}")
+    blocker = "RMSERVE_BUILD_CSRC=0" if mode == "0" else _csrc_blocker()
+    if blocker is not None:
+        if mode == "1":
+            sys.exit(f"RMSERVE_BUILD_CSRC=1, but csrc/ cannot be built: {blocker}")
+        print(f"rmserve: not building the csrc CUDA ops: {blocker}", file=sys.stderr)
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    ext = CUDAExtension("rmserve._C", CSRC, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension}}
+
 
 setup(
     name="rmserve",
@@ -54,4 +104,5 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["rmserve=rmserve.cli:main"]},
+    **csrc_extension(),
 )

@@ -49,16 +49,21 @@ class EngineConfig:
     tokenizer_threads: int = 1           # score_stream: threads tokenizing ahead of the device
     lookahead: int = 2048                # score_stream: samples sorted by length together (bounds memory)
     kernels: str = "auto"                # auto: Triton kernels on CUDA, PyTorch refs elsewhere; triton | torch
+    quantization: str | None = None      # "fp8": e4m3 linears in the backbone, bf16 elsewhere (model/fp8.py)
+    quant_kernels: str = "auto"          # fp8's quantizing ops: auto (csrc on CUDA if built) | csrc | torch
 
     def __post_init__(self):
         """Every choice and range checked here, before a model loads or a Ray job starts its actors
         (the device's presence is checked where it is used: a Ray driver may have no GPU)."""
         from .inputs import BOS_POLICIES
         from .kernels.dispatch import KERNEL_CHOICES
+        from .kernels.fp8_quant import FP8_KERNEL_CHOICES
         from .model.attention import BACKENDS
+        from .model.fp8 import QUANTIZATIONS
 
         choices = {"dtype": (*DTYPES, "auto"), "attention": (*BACKENDS, "auto"), "bos": BOS_POLICIES,
-                   "kernels": KERNEL_CHOICES}
+                   "kernels": KERNEL_CHOICES, "quantization": (None, *QUANTIZATIONS),
+                   "quant_kernels": FP8_KERNEL_CHOICES}
         for name, allowed in choices.items():
             value = getattr(self, name)
             if not (name == "dtype" and isinstance(value, torch.dtype)) and value not in allowed:
@@ -71,6 +76,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.quantization is None and self.quant_kernels != "auto":
+            raise ValueError(f"quant_kernels={self.quant_kernels!r} applies to quantization='fp8' only")
+        if self.quantization and resolve_dtype(self.dtype, torch.device("cuda")) != torch.bfloat16:
+            raise ValueError(f"quantization={self.quantization!r} runs in bfloat16 (its GEMMs output bf16); "
+                             f"use dtype='bfloat16' or 'auto', not {self.dtype!r}")
+
+    def model_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype weights load in: dtype, where 'auto' is bf16 on CUDA or with quantization, else fp32."""
+        return resolve_dtype("bfloat16" if self.quantization and self.dtype == "auto" else self.dtype, device)
 
 
 def load_tokenizer(model_dir: str):
@@ -116,18 +130,35 @@ class Engine:
         self.dtype = model.backbone.embed_tokens.weight.dtype
         self.config = replace(config, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                               max_length=length_limit(self.spec, config)[0])
+        if model.quantization != config.quantization:
+            raise ValueError(f"the loaded model has quantization={model.quantization!r} but the engine asks for "
+                             f"{config.quantization!r}; load it with load_model(..., quantization="
+                             f"{config.quantization!r})")
         self.attention, attn = select_attention(config.attention, self.device, self.dtype)
         self.ops = select_kernels(config.kernels, self.device)   # before any CUDA graph is captured
-        choice = (self.attention, self.ops.name)
+        self.quant_ops = None
+        if config.quantization:
+            from .kernels.fp8_quant import select_fp8_ops
+            from .model.fp8 import check_fp8
+
+            check_fp8(self.device, self.dtype)
+            self.quant_ops = select_fp8_ops(config.quant_kernels, self.device)
+        choice = (self.attention, self.ops.name, self.quant_ops and self.quant_ops.name)
         if model.runs_with not in (None, choice):
             raise ValueError(f"this loaded model already runs attention={model.runs_with[0]}, kernels="
-                             f"{model.runs_with[1]} for another Engine, and its layers hold one choice; load it "
-                             f"again for attention={choice[0]}, kernels={choice[1]}")
+                             f"{model.runs_with[1]}, quant_kernels={model.runs_with[2]} for another Engine, and its "
+                             f"layers hold one choice; load it again for attention={choice[0]}, kernels={choice[1]}, "
+                             f"quant_kernels={choice[2]}")
         model.runs_with = choice
         model.backbone.attn = attn
         model.backbone.use_kernels(self.ops)
         model.head.use_kernels(self.ops)
-        self.config = replace(self.config, kernels=self.ops.name)
+        if self.quant_ops is not None:
+            from .model.fp8 import use_fp8_ops
+
+            use_fp8_ops(model.backbone, self.quant_ops)
+        self.config = replace(self.config, kernels=self.ops.name,
+                              quant_kernels=self.quant_ops.name if self.quant_ops else config.quant_kernels)
         self.graphs = None   # CUDA: the batch budget comes from free memory, then graphs are captured
         memory_tokens = None
         if self.device.type == "cuda":
@@ -151,7 +182,7 @@ class Engine:
         else:
             path = resolve(model)
         dev = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        loaded = load_model(path, device=dev, dtype=resolve_dtype(config.dtype, dev))
+        loaded = load_model(path, device=dev, dtype=config.model_dtype(dev), quantization=config.quantization)
         return cls(loaded, load_tokenizer(path), config)
 
     @property

@@ -49,7 +49,8 @@ class LoadedModel:
     path: str
     # (attention backend, kernels) of the Engine(s) running it: the layers hold one choice, so
     # engines on one loaded model must agree (engine.py checks)
-    runs_with: tuple[str, str] | None = None
+    runs_with: tuple[str, str, str | None] | None = None
+    quantization: str | None = None      # "fp8": the backbone was quantized at load (model/fp8.py)
 
 
 def resolve(model: str) -> str:
@@ -141,7 +142,9 @@ def _shard_slices(param_name: str, spec: ModelSpec) -> list[tuple[int, int]]:
     return [(0, i), (i, 2 * i)]
 
 
-def load_model(model_dir: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(model_dir: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               quantization: str | None = None) -> LoadedModel:
+    """quantization: None, or "fp8" to quantize the backbone's linears once loaded (model/fp8.py)."""
     device = torch.device(device)
     spec = load_spec(model_dir)
     files = safetensors_files(model_dir)
@@ -200,6 +203,10 @@ def load_model(model_dir: str, device: torch.device | str = "cpu", dtype: torch.
         names = sorted(n for (w, p), shards in pending.items() for n in _hf_names(w, p, shards))
         raise CheckpointError(f"checkpoint is missing {len(names)} tensor(s) a {spec.family} model needs, "
                               f"e.g. {names[:5]}")
+    if quantization is not None:
+        from .model.fp8 import quantize_backbone
+
+        quantize_backbone(backbone, quantization)
     backbone.eval()
     head.eval()
-    return LoadedModel(spec=spec, backbone=backbone, head=head, path=model_dir)
+    return LoadedModel(spec=spec, backbone=backbone, head=head, path=model_dir, quantization=quantization)
