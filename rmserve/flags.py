@@ -12,6 +12,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")   # 
 ATTENTION = ("auto", "flash_attn", "torch_varlen", "reference")               # model/attention.BACKENDS + auto
 KERNELS = ("auto", "triton", "torch")                                        # kernels/dispatch.KERNEL_CHOICES
 BOS = ("one", "template", "tokenizer")                                       # inputs.BOS_POLICIES
+QUANTIZATION = ("fp8",)                                                      # model/fp8.QUANTIZATIONS
+QUANT_KERNELS = ("auto", "csrc", "torch")                                    # kernels/fp8_quant.FP8_KERNEL_CHOICES
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -49,3 +51,12 @@ def add_kernel_flags(group) -> None:
     group.add_argument("--kernels", default="auto", choices=KERNELS,
                        help="fused Triton kernels (triton), the PyTorch references (torch), or auto: the kernels "
                             "on CUDA, the references elsewhere")
+
+
+def add_quantization_flags(group) -> None:
+    """--quantization and --quant-kernels (EngineConfig.quantization and .quant_kernels)."""
+    group.add_argument("--quantization", default=None, choices=QUANTIZATION,
+                       help="fp8: e4m3 weights (per channel) and activations (per token) in the backbone's linears, "
+                            "bf16 elsewhere; needs sm_89+ on CUDA (README: FP8)")
+    group.add_argument("--quant-kernels", default="auto", choices=QUANT_KERNELS,
+                       help="fp8's quantizing ops: the csrc CUDA kernels (auto: on CUDA when built) or the references")

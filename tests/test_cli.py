@@ -53,11 +53,14 @@ def test_flag_choices_are_the_engine_s():
     from rmserve.engine import DTYPES
     from rmserve.inputs import BOS_POLICIES
     from rmserve.kernels.dispatch import KERNEL_CHOICES
+    from rmserve.kernels.fp8_quant import FP8_KERNEL_CHOICES
     from rmserve.model.attention import BACKENDS
+    from rmserve.model.fp8 import QUANTIZATIONS
 
     assert set(flags.DTYPES) == {*DTYPES, "auto"}
     assert set(flags.ATTENTION) == {*BACKENDS, "auto"}
     assert flags.KERNELS == KERNEL_CHOICES and flags.BOS == BOS_POLICIES
+    assert flags.QUANTIZATION == QUANTIZATIONS and flags.QUANT_KERNELS == FP8_KERNEL_CHOICES
 
 
 def test_help_imports_no_torch():
