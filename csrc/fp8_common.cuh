@@ -88,6 +88,35 @@ __device__ __forceinline__ void quantize(const float (&y)[VEC], float scale, Fp8
   }
 }
 
+// The two passes every kernel here ends with, over a row of n vectors whose VEC values
+// `values(i, y)` computes (from the inputs, so the second pass recomputes rather than stores):
+// the row's amax, then its scale (reduced over the block) and q for each vector.
+template <int VEC, typename Values>
+__device__ __forceinline__ float row_amax(int64_t n, const Values& values) {
+  float amax = 0.0f;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float y[VEC];
+    values(i, y);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) amax = nan_max(amax, fabsf(y[j]));
+  }
+  return amax;
+}
+
+template <int VEC, typename Values>
+__device__ __forceinline__ void write_quantized(float amax, int64_t n, const Values& values, float* __restrict__ scale_out,
+                                                Fp8Pack<VEC>* __restrict__ out, float* shared) {
+  const float scale = row_scale(block_reduce(amax, MaxOp{}, shared));
+  if (threadIdx.x == 0) *scale_out = scale;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    float y[VEC];
+    values(i, y);
+    Fp8Pack<VEC> o;
+    quantize<VEC>(y, scale, o);
+    out[i] = o;
+  }
+}
+
 // Threads per row: one 16-byte vector each where the row allows, at most 1024.
 inline int threads_for(int64_t vectors) {
   int64_t t = ((vectors + 31) / 32) * 32;

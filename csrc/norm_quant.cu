@@ -46,27 +46,12 @@ __global__ void rms_norm_quant_fp8_kernel(const T* __restrict__ x, int64_t x_str
   const float mean = __fdiv_rn(block_reduce(sumsq, SumOp{}, shared), static_cast<float>(cols));
   const float inv = __fdiv_rn(1.0f, __fsqrt_rn(mean + eps));
 
-  float amax = 0.0f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+  const auto values = [&](int64_t i, float (&y)[VEC]) {
     const P t = t_in[i], wv = w[i];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      const float y = round_to<T>(Num<T>::load(wv.v[j]) * round_to<T>(Num<T>::load(t.v[j]) * inv));
-      amax = nan_max(amax, fabsf(y));
-    }
-  }
-  const float scale = row_scale(block_reduce(amax, MaxOp{}, shared));
-  if (threadIdx.x == 0) scales[row] = scale;
-
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const P t = t_in[i], wv = w[i];
-    float y[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) y[j] = round_to<T>(Num<T>::load(wv.v[j]) * round_to<T>(Num<T>::load(t.v[j]) * inv));
-    Fp8Pack<VEC> o;
-    quantize<VEC>(y, scale, o);
-    out[i] = o;
-  }
+  };
+  write_quantized<VEC>(row_amax<VEC>(n, values), n, values, scales + row, out, shared);
 }
 
 template <typename T, int VEC>

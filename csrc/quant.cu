@@ -15,24 +15,12 @@ __global__ void per_token_quant_fp8_kernel(const T* __restrict__ x, int64_t x_st
   auto* out = reinterpret_cast<Fp8Pack<VEC>*>(q + row * q_stride);
   const int64_t n = cols / VEC;
 
-  float amax = 0.0f;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+  const auto values = [&](int64_t i, float (&y)[VEC]) {
     const Pack<T, VEC> p = in[i];
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) amax = nan_max(amax, fabsf(Num<T>::load(p.v[j])));
-  }
-  const float scale = row_scale(block_reduce(amax, MaxOp{}, shared));
-  if (threadIdx.x == 0) scales[row] = scale;
-
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    const Pack<T, VEC> p = in[i];
-    float y[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) y[j] = Num<T>::load(p.v[j]);
-    Fp8Pack<VEC> o;
-    quantize<VEC>(y, scale, o);
-    out[i] = o;
-  }
+  };
+  write_quantized<VEC>(row_amax<VEC>(n, values), n, values, scales + row, out, shared);
 }
 
 template <typename T>
