@@ -17,13 +17,16 @@ CSRC = os.path.join(ROOT, "csrc")
 NVCC = shutil.which("nvcc") or next((p for p in ("/usr/local/cuda/bin/nvcc",) if os.path.exists(p)), None)
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed here: the csrc compile check needs it")
 ARCHS = ["-gencode", "arch=compute_89,code=sm_89", "-gencode", "arch=compute_90a,code=sm_90a"]
+# what torch.utils.cpp_extension adds to every nvcc command of the real build (setup.py)
+TORCH_NVCC_FLAGS = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+                    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr"]
 
 
 @needs_nvcc
 def test_every_cu_compiles_for_sm89_and_sm90a(tmp_path):
     sources = sorted(glob.glob(os.path.join(CSRC, "*.cu")))
     assert sources
-    jobs = [(src, subprocess.Popen([NVCC, "-std=c++17", "-O3", *ARCHS, "-c", src, "-o",
+    jobs = [(src, subprocess.Popen([NVCC, "-std=c++17", "-O3", *TORCH_NVCC_FLAGS, *ARCHS, "-c", src, "-o",
                                     str(tmp_path / (os.path.basename(src) + ".o"))],
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) for src in sources]
     for src, job in jobs:

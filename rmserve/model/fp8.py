@@ -129,7 +129,11 @@ def quantize_backbone(backbone: LlamaBackbone, quantization: str) -> None:
         for path in QUANTIZED:
             owner, name = path.split(".")
             module = getattr(layer, owner)
-            setattr(module, name, Fp8Linear(getattr(module, name)))
+            linear = getattr(module, name)
+            if linear.weight.is_cuda and (linear.in_features % 16 or linear.out_features % 16):
+                raise ValueError(f"quantization='fp8' on CUDA needs {path}'s sizes to be multiples of 16 (torch."
+                                 f"_scaled_mm), got {linear.out_features} x {linear.in_features}")
+            setattr(module, name, Fp8Linear(linear))
         for name, cls in _PRODUCERS.items():
             setattr(layer, name, cls(getattr(layer, name)))
 
