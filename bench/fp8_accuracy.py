@@ -108,7 +108,11 @@ def outlier_stats(engine: Engine, convs: list) -> dict:
     |x| per token) and the massive tokens' share of their residual energy in the 2 channels."""
     seen = {}
     layer = engine.model.backbone.layers[0]
-    h = layer.self_attn.qkv_proj.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].float()) and None)
+
+    def keep_first_input(module, args) -> None:
+        seen.setdefault("x", args[0].float())
+
+    h = layer.self_attn.qkv_proj.register_forward_pre_hook(keep_first_input)
     engine.score(convs[:4])
     h.remove()
     x = seen["x"].abs()
