@@ -1,8 +1,8 @@
 """FP8 accuracy on CPU: how quantization="fp8" changes a reward model's scores and rankings,
 beside bf16, both against fp32, on real preference pairs and best-of-N groups.
 
-    nice -n 10 python bench/fp8_accuracy.py                      # the table in bench/RESULTS.md
-    python bench/fp8_accuracy.py --layers 2 --pairs 100 --groups 20
+    nice -n 10 python bench/fp8_accuracy.py --cache /tmp/fp8.json   # the table in bench/RESULTS.md
+    python bench/fp8_accuracy.py --device cuda --layers 32 --pairs 2312 --groups 805 --answer-tokens 4096
 
 Model: a random URM-family checkpoint (its `means` are linear readouts of the last token's final
 hidden state, so one forward scores several heads) with Llama-3-8B's layer shape (hidden 4096, 32 query /
@@ -127,10 +127,10 @@ def outlier_stats(engine: Engine, convs: list) -> dict:
 HEADS = {"random": 0, "probe": 1}    # head -> URM mean index (score.weight row 2 * index)
 
 
-def fit_probe(path: str, calibration: list) -> None:
+def fit_probe(path: str, calibration: list, device: str) -> None:
     """Sets score.weight's row of the `probe` head to the top principal direction of the fp32 model's
     last-token final hidden states on `calibration` (scaled to the random row's norm)."""
-    engine = Engine.from_pretrained(path, device="cpu", dtype="float32")
+    engine = Engine.from_pretrained(path, device=device, **engine_settings("fp32", device))
     caught, packed = [], engine.model.head.packed
 
     def catch(hidden, last_idx, gate_idx):
@@ -149,10 +149,18 @@ def fit_probe(path: str, calibration: list) -> None:
     save_file(t, weights, metadata={"format": "pt"})
 
 
-def run(path: str, sets: dict, settings: dict) -> tuple[dict, float, dict, dict]:
-    """-> ({head: {set: scores}}, CPU seconds, outlier stats (fp32 only), {set: tokens})."""
-    engine = Engine.from_pretrained(path, device="cpu", **settings)
-    stats = outlier_stats(engine, sets["pairs"][0]) if settings == {"dtype": "bfloat16"} else {}
+def engine_settings(name: str, device: str) -> dict:
+    """fp32 on CUDA runs the reference attention eagerly (FlashAttention and CUDA graphs are bf16-only)."""
+    cuda32 = {"attention": "reference", "enforce_eager": True} if device == "cuda" else {}
+    return {"bf16": {"dtype": "bfloat16"}, "fp8": {"dtype": "bfloat16", "quantization": "fp8"},
+            "fp32": {"dtype": "float32", **cuda32}}[name]
+
+
+def run(path: str, sets: dict, settings: dict, device: str) -> tuple[dict, float, dict, dict]:
+    """-> ({head: {set: scores}}, CPU seconds, outlier stats (bf16 only), {set: tokens})."""
+    engine = Engine.from_pretrained(path, device=device, **settings)
+    stats = outlier_stats(engine, sets["pairs"][0]) if settings.get("quantization") is None and \
+        settings["dtype"] == "bfloat16" else {}
     tokens = {name: sum(len(e) for e in engine.encode(convs)) for name, (convs, _) in sets.items()}
     t0 = time.process_time()
     results = {name: engine.score(convs, groups=keys) for name, (convs, keys) in sets.items()}
@@ -184,6 +192,7 @@ def main() -> None:
     ap.add_argument("--groups", type=int, default=40, help="AlpacaEval best-of-15 groups (random, seeded)")
     ap.add_argument("--answer-tokens", type=int, default=24, help="AlpacaEval answers cut to this many tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda for the same measurement at full depth on a GPU")
     ap.add_argument("--tokenizer", default=os.path.join(DATA, "llama3-tokenizer"))
     ap.add_argument("--cache", default=None, help="keep each engine's scores here; a rerun resumes from it")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "fp8_accuracy.json"))
@@ -197,14 +206,14 @@ def main() -> None:
 
         tok = AutoTokenizer.from_pretrained(path)
         fit_probe(path, pairs(calibration[0], args.seed)[0] +
-                  groups(calibration[1], args.seed, args.answer_tokens, tok)[0])
+                  groups(calibration[1], args.seed, args.answer_tokens, tok)[0], args.device)
         sets = {"pairs": pairs(args.pairs, args.seed, skip=calibration[0]),
                 "groups": groups(args.groups, args.seed, args.answer_tokens, tok, skip=calibration[1])}
         # bf16 and fp8 first: on a busy machine the headline (agreement with bf16) lands first. Each
         # engine's scores are kept in --cache as it finishes; a rerun with the same settings reuses them.
-        engines = {"bf16": {"dtype": "bfloat16"}, "fp8": {"dtype": "bfloat16", "quantization": "fp8"},
-                   "fp32": {"dtype": "float32"}}
-        key = json.dumps({k: v for k, v in vars(args).items() if k not in ("json", "cache")}, sort_keys=True)
+        engines = {name: engine_settings(name, args.device) for name in ("bf16", "fp8", "fp32")}
+        key = {k: v for k, v in vars(args).items() if k not in ("json", "cache", "device")}
+        key = json.dumps(key if args.device == "cpu" else {**key, "device": args.device}, sort_keys=True)
         cache = {}
         if args.cache and os.path.exists(args.cache):
             with open(args.cache) as f:
@@ -217,7 +226,7 @@ def main() -> None:
                 scores[name], cpu[name], tokens = cache[name]["scores"], cache[name]["cpu_s"], cache[name]["tokens"]
                 stats.update(cache[name]["stats"])
                 continue
-            scores[name], cpu[name], s, tokens = run(path, sets, settings)
+            scores[name], cpu[name], s, tokens = run(path, sets, settings, args.device)
             stats.update(s)
             print(f"{name}: {cpu[name]:.0f} CPU-s", file=sys.stderr, flush=True)
             if args.cache:
@@ -243,7 +252,7 @@ def main() -> None:
                 "top1_agree_fp32": top1_agreement(sc[name]["groups"], sc["fp32"]["groups"], sets["groups"][1]),
                 "cpu_s": cpu[name]})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    meta = {"commit": commit, "torch": torch.__version__, "layers": args.layers, "hidden": 4096, "intermediate": 14336,
+    meta = {"commit": commit, "torch": torch.__version__, "device": args.device, "layers": args.layers, "hidden": 4096, "intermediate": 14336,
             "pairs": args.pairs, "groups": args.groups, "answer_tokens": args.answer_tokens, "seed": args.seed,
             "calibration_pairs_groups": calibration, "tokens": tokens, "cpu_s": cpu, **stats}
     print(f"model: 8B layer shape x {args.layers} layer(s), outlier features x{OUTLIER_GAIN:g} (6 channels), massive "
