@@ -194,6 +194,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu, or cuda for the same measurement at full depth on a GPU")
     ap.add_argument("--tokenizer", default=os.path.join(DATA, "llama3-tokenizer"))
+    ap.add_argument("--no-fp32", action="store_true", help="bf16 and fp8 only (errors against bf16)")
     ap.add_argument("--cache", default=None, help="keep each engine's scores here; a rerun resumes from it")
     ap.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "fp8_accuracy.json"))
     args = ap.parse_args()
@@ -211,8 +212,9 @@ def main() -> None:
                 "groups": groups(args.groups, args.seed, args.answer_tokens, tok, skip=calibration[1])}
         # bf16 and fp8 first: on a busy machine the headline (agreement with bf16) lands first. Each
         # engine's scores are kept in --cache as it finishes; a rerun with the same settings reuses them.
-        engines = {name: engine_settings(name, args.device) for name in ("bf16", "fp8", "fp32")}
-        key = {k: v for k, v in vars(args).items() if k not in ("json", "cache", "device")}
+        names = ("bf16", "fp8") if args.no_fp32 else ("bf16", "fp8", "fp32")
+        engines = {name: engine_settings(name, args.device) for name in names}
+        key = {k: v for k, v in vars(args).items() if k not in ("json", "cache", "device", "no_fp32")}
         key = json.dumps(key if args.device == "cpu" else {**key, "device": args.device}, sort_keys=True)
         cache = {}
         if args.cache and os.path.exists(args.cache):
@@ -234,22 +236,24 @@ def main() -> None:
                 with open(args.cache, "w") as f:
                     json.dump(cache, f)
 
-    rows = []
+    rows, reference = [], "bf16" if args.no_fp32 else "fp32"   # the score errors' reference
     for head in HEADS:
         sc = {name: scores[name][head] for name in engines}
-        ref = torch.tensor(sc["fp32"]["pairs"] + sc["fp32"]["groups"], dtype=torch.float64)
+        ref = torch.tensor(sc[reference]["pairs"] + sc[reference]["groups"], dtype=torch.float64)
+        with_fp32 = "fp32" in sc
         margins = torch.tensor(sc["bf16"]["pairs"][0::2]) - torch.tensor(sc["bf16"]["pairs"][1::2])
         for name in ("bf16", "fp8"):
             got = torch.tensor(sc[name]["pairs"] + sc[name]["groups"], dtype=torch.float64)
             err = (got - ref).abs()
             rows.append({
                 "head": head, "engine": name, "score_err_mean": err.mean().item(), "score_err_max": err.max().item(),
-                "score_std_fp32": ref.std().item(), "score_err_mean_over_std": (err.mean() / ref.std()).item(),
+                "reference": reference, "score_std_reference": ref.std().item(), "score_err_mean_over_std": (err.mean() / ref.std()).item(),
                 "median_abs_pair_margin_bf16": margins.abs().median().item(),
                 "pair_agree_bf16": pair_agreement(sc[name]["pairs"], sc["bf16"]["pairs"]),
-                "pair_agree_fp32": pair_agreement(sc[name]["pairs"], sc["fp32"]["pairs"]),
+                "pair_agree_fp32": pair_agreement(sc[name]["pairs"], sc["fp32"]["pairs"]) if with_fp32 else None,
                 "top1_agree_bf16": top1_agreement(sc[name]["groups"], sc["bf16"]["groups"], sets["groups"][1]),
-                "top1_agree_fp32": top1_agreement(sc[name]["groups"], sc["fp32"]["groups"], sets["groups"][1]),
+                "top1_agree_fp32": (top1_agreement(sc[name]["groups"], sc["fp32"]["groups"], sets["groups"][1])
+                                    if with_fp32 else None),
                 "cpu_s": cpu[name]})
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = {"commit": commit, "torch": torch.__version__, "device": args.device, "layers": args.layers, "hidden": 4096, "intermediate": 14336,
@@ -259,13 +263,14 @@ def main() -> None:
           f"activations x{MASSIVE_GAIN:g} (2 channels); {args.pairs} HH pairs ({tokens['pairs']} tokens), "
           f"{args.groups} AlpacaEval groups of 15 ({tokens['groups']} tokens, answers cut to {args.answer_tokens})")
     print(f"measured outliers: {stats}; CPU seconds {({k: round(v) for k, v in cpu.items()})}")
-    print("| head | engine | mean abs score err vs fp32 (/ score std) | max | pair agreement with bf16 | with fp32 | "
+    pct = lambda v, digits: "-" if v is None else f"{v:.{digits}%}"   # noqa: E731
+    print(f"| head | engine | mean abs score err vs {reference} (/ score std) | max | pair agreement with bf16 | with fp32 | "
           "best-of-15 top-1 agreement with bf16 | with fp32 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['head']} | {r['engine']} | {r['score_err_mean']:.4f} ({r['score_err_mean_over_std']:.1%}) | "
-              f"{r['score_err_max']:.4f} | {r['pair_agree_bf16']:.2%} | {r['pair_agree_fp32']:.2%} | "
-              f"{r['top1_agree_bf16']:.1%} | {r['top1_agree_fp32']:.1%} |")
+              f"{r['score_err_max']:.4f} | {r['pair_agree_bf16']:.2%} | {pct(r['pair_agree_fp32'], 2)} | "
+              f"{r['top1_agree_bf16']:.1%} | {pct(r['top1_agree_fp32'], 1)} |")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
