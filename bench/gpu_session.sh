@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh          # stage main: env, tests/gpu, 8B bf16 throughput, the batch profile
 #   bash bench/gpu_session.sh rest     # stage rest: 8B ArmoRM throughput, latency, the offline job with the
 #                                      # Llama 3 tokenizer, pytest-benchmark, the CPU suite on the GPU image
+#   bash bench/gpu_session.sh fp8      # stage fp8: build csrc/, its GPU tests, FP8 vs bf16 speed (issue 15)
 #
 # Every step has its own timeout (the budgets, in seconds, are in the table below; each stage's sum
 # with its ~1 min of install and imports is at most 8 minutes) and writes its log, JSON and junit XML
@@ -30,9 +31,10 @@ export RMSERVE_COMMIT=${RMSERVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null
 data=$RMSERVE_DATA
 
 # Step budgets in seconds (estimates for an H100/H200: no GPU has run this yet; steps.tsv of the first
-# lease says how they held). main: 40 install/env + 160 + 190 + 80 = 470; rest: 20 + 100 + 70 + 140 + 60 + 90 = 480.
+# lease says how they held). main: 40 install/env + 160 + 190 + 80 = 470; rest: 20 + 100 + 70 + 140 + 60 + 90 = 480;
+# fp8: 20 + 300 (the csrc build with nvcc, tests/gpu/test_fp8_cuda.py, bench/fp8_speed.py) = 320.
 declare -A budget=([tests_gpu]=160 [throughput_8b]=190 [profile]=80
-                   [throughput_armorm]=100 [latency]=70 [offline]=140 [pytest_bench]=60 [suite]=90)
+                   [throughput_armorm]=100 [latency]=70 [offline]=140 [pytest_bench]=60 [suite]=90 [fp8]=300)
 if [ "$device" = cpu ]; then   # a dry run: every step with little work, twice the time (2 shared cores)
   size=(--device cpu --shape small)
   rows=8 profile=(--rows 16 --max-batch-tokens 1024 --reps 2) latency=(--tokens 128 --reps 2)
@@ -58,8 +60,9 @@ step() {   # step NAME CMD...: run CMD under NAME's time budget; output to the s
 }
 
 # rmserve itself, offline (the device machine reaches no package index); its dependencies are in the image.
+# Without csrc/ (its nvcc build takes minutes): stage fp8 builds it.
 if ! $py -c "import rmserve.kernels" 2>/dev/null; then
-  timeout 60 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
+  RMSERVE_BUILD_CSRC=0 timeout 60 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
     || { cat "$out/install.log"; exit 1; }
 fi
 timeout_flag=(); $py -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=90)
@@ -138,8 +141,16 @@ EOF
     step suite env CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 $py -m pytest -q -rfEs -p no:cacheprovider tests --ignore=tests/gpu \
       "${collect[@]}" "${xdist[@]}" "${timeout_flag[@]}" --junitxml="$out/suite.xml"
     ;;
+  fp8)
+    # csrc/ built here (nvcc, sm_90a), its kernels against their references, then FP8 vs bf16 GEMMs, the
+    # csrc ops' GB/s and engine tokens/s at the 8B layer shape (bench/fp8_speed.py: no data needed).
+    [ "$device" = cpu ] && { echo "stage fp8 needs CUDA"; exit 2; }
+    step fp8 bash -c "RMSERVE_BUILD_CSRC=1 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+      && RMSERVE_REQUIRE_CSRC=1 $py -m pytest -q -rfEs -p no:cacheprovider tests/gpu/test_fp8_cuda.py \
+      ${timeout_flag[*]} --junitxml=$out/fp8_tests.xml && $py bench/fp8_speed.py --json $out/fp8_speed.json"
+    ;;
   *)
-    echo "unknown stage '$stage' (main or rest)" >&2
+    echo "unknown stage '$stage' (main, rest or fp8)" >&2
     exit 2
     ;;
 esac
