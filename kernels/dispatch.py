@@ -27,6 +27,7 @@ class Ops:
     rms_norm: Callable
     add_rms_norm: Callable
     rope: Callable                 # in place on q, k
+    qk_norm_rope: Callable         # in place on q, k: per-head RMSNorm (Qwen3), then RoPE
     silu_mul: Callable
     gather_project: Callable
     armo_combine: Callable
@@ -36,7 +37,7 @@ class Ops:
 
 
 # Each op's kernel module and function; its PyTorch reference is the same name + "_ref" beside it.
-_KERNELS = {"rms_norm": rmsnorm, "add_rms_norm": rmsnorm, "rope": rope, "silu_mul": silu_mul,
+_KERNELS = {"rms_norm": rmsnorm, "add_rms_norm": rmsnorm, "rope": rope, "qk_norm_rope": rope, "silu_mul": silu_mul,
             "gather_project": gather_project, "armo_combine": gate_combine, "qrm_combine": gate_combine,
             "sample_normal": sampling, "sample_quantiles": sampling}
 

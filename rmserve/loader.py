@@ -17,10 +17,11 @@ from torch import nn
 
 from .config import ModelSpec, load_spec
 from .heads import build_head, head_param_dtype
-from .model.llama import LlamaBackbone
+from .model.decoder import Backbone
 from .model.rope import inv_freq
 
-# HF name (the part after "model.layers.{i}.") -> (fused parameter, shard index).
+# HF module (the part after "model.layers.{i}.") -> (fused module, shard index). Its weight and, where the
+# backbone has them (Qwen2's q/k/v), its bias go to the fused module's weight / bias rows of that shard.
 PACKED = {
     "self_attn.q_proj": ("self_attn.qkv_proj", 0),
     "self_attn.k_proj": ("self_attn.qkv_proj", 1),
@@ -31,7 +32,8 @@ PACKED = {
 
 # Checkpoint tensors that scoring does not use, and why.
 IGNORED = {
-    r"lm_head\.weight": "language-model head (GRM-sftreg carries one); scoring reads hidden states only",
+    r"lm_head\.weight": "language-model head (GRM-sftreg carries one; tied-embedding models have none); scoring "
+                        "reads hidden states only",
     r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq": "RoPE buffer saved by old transformers; recomputed from config",
     r".*\.num_batches_tracked": "BatchNorm training counter; inference uses the running statistics only",
 }
@@ -44,7 +46,7 @@ class CheckpointError(ValueError):
 @dataclass
 class LoadedModel:
     spec: ModelSpec
-    backbone: LlamaBackbone
+    backbone: Backbone
     head: nn.Module
     path: str
     # (attention backend, kernels) of the Engine(s) running it: the layers hold one choice, so
@@ -115,10 +117,10 @@ def _target(name: str) -> tuple[str, str, int | None] | None:
         return None
     if name.startswith("model."):
         inner = name[len("model."):]
-        m = re.fullmatch(r"(layers\.\d+\.)(.+)\.weight", inner)
+        m = re.fullmatch(r"(layers\.\d+\.)(.+)\.(weight|bias)", inner)
         if m and m.group(2) in PACKED:
             fused, shard = PACKED[m.group(2)]
-            return "backbone", f"{m.group(1)}{fused}.weight", shard
+            return "backbone", f"{m.group(1)}{fused}.{m.group(3)}", shard
         return "backbone", inner, None
     return "head", name, None
 
@@ -127,11 +129,11 @@ def _hf_names(where: str, pname: str, shards: set[int] | None) -> list[str]:
     """Checkpoint names of a model parameter (the unfilled shards of a fused one)."""
     if where == "head":
         return [pname]
-    m = re.fullmatch(r"(layers\.\d+\.)(.+)\.weight", pname)
+    m = re.fullmatch(r"(layers\.\d+\.)(.+)\.(weight|bias)", pname)
     if shards is None or m is None:
         return ["model." + pname]
     unfused = {v: k for k, v in PACKED.items()}
-    return [f"model.{m.group(1)}{unfused[(m.group(2), s)]}.weight" for s in sorted(shards)]
+    return [f"model.{m.group(1)}{unfused[(m.group(2), s)]}.{m.group(3)}" for s in sorted(shards)]
 
 
 def _shard_slices(param_name: str, spec: ModelSpec) -> list[tuple[int, int]]:
@@ -149,7 +151,7 @@ def load_model(model_dir: str, device: torch.device | str = "cpu", dtype: torch.
     spec = load_spec(model_dir)
     files = safetensors_files(model_dir)
     with torch.device("meta"):
-        backbone = LlamaBackbone(spec)
+        backbone = Backbone(spec)
         head = build_head(spec)
     _materialize(backbone, device, lambda n, t: dtype)
     _materialize(head, device, lambda n, t: t.dtype if not t.is_floating_point() else

@@ -64,13 +64,13 @@ def model_of_shape(cfg: dict, device: str | torch.device, dtype: torch.dtype,
     from .config import spec_from_dict
     from .heads import build_head, head_param_dtype
     from .loader import LoadedModel
-    from .model.llama import LlamaBackbone
+    from .model.decoder import Backbone
     from .model.rope import inv_freq
 
     spec = spec_from_dict(cfg)
     dev = torch.device(device)
     with torch.device("meta"):
-        backbone, head = LlamaBackbone(spec), build_head(spec)
+        backbone, head = Backbone(spec), build_head(spec)
     for module, dtype_of in ((backbone, lambda n: dtype), (head, lambda n: head_param_dtype(spec.family, n, dtype))):
         for mod_name, mod in module.named_modules():
             for name, t in list(mod._parameters.items()):

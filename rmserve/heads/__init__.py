@@ -14,12 +14,12 @@ from torch import nn
 from ..config import ModelSpec
 from .armorm import ArmoRMHead
 from .bt import BTHead
-from .grm import GRMHead
 from .qrm import QRMHead
 from .urm import URMHead
+from .value import ValueHead
 
 HEADS: dict[str, type[nn.Module]] = {
-    "bt": BTHead, "armorm": ArmoRMHead, "qrm": QRMHead, "urm": URMHead, "grm": GRMHead,
+    "bt": BTHead, "armorm": ArmoRMHead, "qrm": QRMHead, "urm": URMHead, "grm": ValueHead, "qwen2_rm": ValueHead,
 }
 
 PRECISION: dict[str, dict[str, torch.dtype | None]] = {
@@ -29,6 +29,7 @@ PRECISION: dict[str, dict[str, torch.dtype | None]] = {
     "urm": {"score": None,                # attribute means/spreads in the engine dtype
             "weights": torch.float16},    # the reference runs the weights MLP in fp16
     "grm": {"": None},                    # value head in the engine dtype
+    "qwen2_rm": {"": None},               # the remote code's score MLP runs in the model's dtype
 }
 
 

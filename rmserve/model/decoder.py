@@ -1,5 +1,13 @@
-"""The Llama backbone over packed tokens. Parameter names follow Hugging Face's, under `model.`,
-except the two fused projections made at load (see loader.PACKED)."""
+"""One decoder over packed tokens for Llama, Qwen2 and Qwen3: their differences are ModelSpec fields
+(config.BACKBONES), not copies of the forward, as nano-vllm's and vLLM's layers share code:
+
+- `qkv_bias` (Qwen2): q/k/v biases, fused into `qkv_proj.bias`; o_proj has none.
+- `qk_norm` (Qwen3): an RMSNorm over head_dim on each head's q and k, after the projection and
+  before RoPE (`q_norm` / `k_norm` weights), fused with RoPE in one kernel (kernels/rope.py).
+- `head_dim` given by the config (Qwen3: q_size = heads x head_dim need not equal hidden).
+
+Parameter names follow Hugging Face's, under `model.`, except the two fused projections made at
+load (see loader.PACKED)."""
 from __future__ import annotations
 
 import torch
@@ -15,7 +23,7 @@ from .attention import AttentionFn, attention_ref
 
 class RMSNorm(nn.Module):
     """forward(x, residual) -> (norm(residual + x), residual + x); with residual None, (norm(x), x).
-    The add is fused into the norm (kernels/rmsnorm.py); `ops` is chosen by LlamaBackbone.use_kernels."""
+    The add is fused into the norm (kernels/rmsnorm.py); `ops` is chosen by Backbone.use_kernels."""
     ops: Ops = TORCH_OPS
 
     def __init__(self, size: int, eps: float):
@@ -29,10 +37,19 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, bias=False)
-    layer.weight.requires_grad_(False)
+def _linear(n_in: int, n_out: int, bias: bool = False) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    layer.requires_grad_(False)
     return layer
+
+
+class HeadNorm(nn.Module):
+    """Qwen3's q_norm / k_norm: the weight [head_dim] of an RMSNorm over each head's row; the norm
+    itself runs inside `qk_norm_rope` (kernels/rope.py)."""
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(head_dim), requires_grad=False)
 
 
 class Attention(nn.Module):
@@ -41,15 +58,22 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
-        self.qkv_proj = _linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size)
+        self.qkv_proj = _linear(spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias)
         self.o_proj = _linear(spec.q_size, spec.hidden_size)
         self.scale = spec.head_dim ** -0.5
+        if spec.qk_norm:
+            self.q_norm, self.k_norm = HeadNorm(spec.head_dim), HeadNorm(spec.head_dim)
 
     def forward(self, x, inv_freq, batch: PackedBatch, attn: AttentionFn) -> torch.Tensor:
         s = self.spec
         q, k, v = self.qkv_proj(x).split([s.q_size, s.kv_size, s.kv_size], dim=-1)
         q, k = q.view(-1, s.num_heads, s.head_dim), k.view(-1, s.num_kv_heads, s.head_dim)
-        self.ops.rope(q, k, batch.positions, inv_freq)   # in place, inside the fused QKV output
+        # in place, inside the fused QKV output
+        if s.qk_norm:
+            self.ops.qk_norm_rope(q, k, batch.positions, inv_freq, self.q_norm.weight, self.k_norm.weight,
+                                  s.rms_norm_eps)
+        else:
+            self.ops.rope(q, k, batch.positions, inv_freq)
         v = v.view(-1, s.num_kv_heads, s.head_dim)
         cu, m = batch.cu_seqlens, batch.max_seqlen
         if batch.kv_idx is None:
@@ -89,7 +113,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaBackbone(nn.Module):
+class Backbone(nn.Module):
     """forward(batch) -> final hidden states [T, hidden] after the last RMSNorm."""
 
     def __init__(self, spec: ModelSpec, attn: AttentionFn = attention_ref):
