@@ -27,7 +27,7 @@ def _score(args: argparse.Namespace) -> int:
                               max_batch_tokens=args.max_batch_tokens, max_batch_seqs=args.max_batch_seqs,
                               bos=args.bos, max_length=args.max_length, kernels=args.kernels,
                               share_prefix=not args.no_share_prefix, quantization=args.quantization,
-                              quant_kernels=args.quant_kernels)
+                              quant_kernels=args.quant_kernels, template_date=args.template_date)
         config = JobConfig(args.input, args.output, args.model, format=args.format, split=args.split,
                            shape=shape, engine=engine, part_rows=args.part_rows, samples=args.samples,
                            seed=args.seed, quiet=args.quiet,

@@ -8,7 +8,7 @@ import torch
 
 from .config import ModelSpec
 from .device_check import check_device
-from .inputs import Encoded, InputError, Preprocessor
+from .inputs import TEMPLATE_DATE, Encoded, InputError, Preprocessor, parse_template_date
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
@@ -42,6 +42,7 @@ class EngineConfig:
     bos: str = "one"                     # BOS policy, see inputs.py
     max_length: int | None = None        # per-sample cap; None: the model's max_position_embeddings
     chat_template: str | None = None     # override the checkpoint's template
+    template_date: str = TEMPLATE_DATE   # "today" for templates that read the clock (YYYY-MM-DD; see inputs.py)
     share_prefix: bool = True            # run a prompt shared by several samples once (rmserve/prefix.py)
     share_min_tokens: int = 16           # least common leading tokens worth sharing
     enforce_eager: bool = False          # CUDA: run every batch eagerly, no CUDA graphs (cuda_graphs.py)
@@ -74,6 +75,7 @@ class EngineConfig:
         for name, value in positive.items():
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        parse_template_date(self.template_date)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.quantization is None and self.quant_kernels != "auto":
@@ -112,7 +114,7 @@ def make_preprocessor(spec: ModelSpec, tokenizer, config: EngineConfig,
     max_length, what = length_limit(spec, config, memory_tokens)
     return Preprocessor(tokenizer, bos=config.bos, max_length=max_length, length_limit=what,
                         needs_gate=HEADS[spec.family].needs_gate, chat_template=config.chat_template,
-                        vocab_size=spec.vocab_size)
+                        vocab_size=spec.vocab_size, template_date=config.template_date)
 
 
 class Engine:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from .inputs import TEMPLATE_DATE   # cheap: no torch
+
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")   # engine.DTYPES + auto
 ATTENTION = ("auto", "flash_attn", "torch_varlen", "reference")               # model/attention.BACKENDS + auto
 KERNELS = ("auto", "triton", "torch")                                        # kernels/dispatch.KERNEL_CHOICES
@@ -41,6 +43,9 @@ def add_engine_flags(group, bos_note: str | None = None) -> None:
     group.add_argument("--max-length", type=int, default=None,
                        help="longest sample in tokens; longer ones get an error (default: the model's maximum)")
     group.add_argument("--max-batch-tokens", type=int, default=16384, help="token budget of one packed batch")
+    group.add_argument("--template-date", default=TEMPLATE_DATE, metavar="YYYY-MM-DD",
+                       help="'today' for chat templates that render the date, so a score never depends on the day "
+                            "it was computed (README 'Tokenization and BOS')")
 
 
 def add_kernel_flags(group) -> None:

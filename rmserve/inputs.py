@@ -5,9 +5,15 @@ BOS policies (`bos=`), for a rendered template text:
 - "template": tokenize the rendered text with no added special tokens (ArmoRM/QRM published usage).
 - "tokenizer": let the tokenizer add its special tokens to the rendered text (Skywork v0.1/URM
   published usage; with a template that already has BOS this gives two, as those scripts would).
+A tokenizer without a BOS token (Qwen's) gets none under every policy: "one" means "none" there,
+never an invented token.
+
+Templates that read the clock: see TEMPLATE_DATE.
 """
 from __future__ import annotations
 
+import datetime
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,6 +23,47 @@ ROLES = ("system", "user", "assistant")
 # the <|eot_id|> that closes the last user turn. Token ids come from the checkpoint's own
 # tokenizer; for the Llama 3 tokenizer they are [128009, 128006, 78191, 128007, 271].
 GATING_TEXT = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+
+
+# The date a chat template sees as "today" (ISO), unless EngineConfig.template_date says otherwise.
+# Templates such as Llama-3.2's render `strftime_now(...)` ("Today Date: ...") into every sample, so
+# the same conversation would score differently on different days. transformers' apply_chat_template
+# gives templates `strftime_now` as a Jinja global that reads datetime.now() at each render; extra
+# keyword arguments reach the template as variables (date_string, say), but transformers 5 replaces
+# callables among them by placeholder strings, so a pinned strftime_now cannot be passed in. rmserve
+# defines `strftime_now` inside the template instead (`pin_template_clock`), answering from this date.
+# Why 26 Jul 2024: it is the date Llama-3.1/3.2/3.3's own templates render when no clock is available
+# (`{% set date_string = "26 Jul 2024" %}`), so a Llama template renders the same text with or without
+# a clock, and Llama-3.1 reward models (whose template has that default) see the date they always saw.
+TEMPLATE_DATE = "2024-07-26"
+_CLOCK_CALL = re.compile(r"\bstrftime_now\s*\(")
+_CLOCK_LITERAL = re.compile(r"""\bstrftime_now\s*\(\s*(?:"([^"\\]*)"|'([^'\\]*)')\s*\)""")
+
+
+def parse_template_date(value: str) -> datetime.date:
+    """'YYYY-MM-DD' -> date; anything else is a ValueError that says what is expected."""
+    try:
+        return datetime.date.fromisoformat(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"template_date must be a date as YYYY-MM-DD, got {value!r}") from None
+
+
+def pin_template_clock(template: str, date: str) -> tuple[str, dict]:
+    """A chat template that calls strftime_now(FORMAT) -> the same template rendering `date` (at
+    00:00:00) for every call, and the variables to render it with; other templates come back as they
+    are. Each call's FORMAT must be a string literal (the formats are evaluated here, once)."""
+    calls = len(_CLOCK_CALL.findall(template))
+    if not calls:
+        return template, {}
+    formats = [a or b for a, b in _CLOCK_LITERAL.findall(template)]
+    if len(formats) != calls:
+        raise ValueError("the chat template calls strftime_now with a format that is not a string literal, so "
+                         "rmserve cannot pin its date; pass a chat_template that does not read the clock")
+    moment = datetime.datetime.combine(parse_template_date(date), datetime.time())
+    # A macro named strftime_now shadows transformers' global of that name in this template; the newline
+    # after it is removed by the trim_blocks setting transformers renders with, so the text is unchanged.
+    macro = "{% macro strftime_now(format) %}{{ rmserve_clock[format] }}{% endmacro %}\n"
+    return macro + template, {"rmserve_clock": {f: moment.strftime(f) for f in formats}}
 
 
 class InputError(ValueError):
@@ -69,16 +116,17 @@ class Preprocessor:
 
     def __init__(self, tokenizer, *, bos: str = "one", max_length: int, needs_gate: bool,
                  chat_template: str | None = None, vocab_size: int | None = None,
-                 length_limit: str | None = None):
+                 length_limit: str | None = None, template_date: str = TEMPLATE_DATE):
         if bos not in BOS_POLICIES:
             raise ValueError(f"bos policy must be one of {BOS_POLICIES}, got {bos!r}")
-        if tokenizer.bos_token_id is None and bos == "one":
-            raise ValueError("the tokenizer has no BOS token; use bos='template' or 'tokenizer'")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat_template; pass chat_template= or pre-tokenized input")
         self.tokenizer = tokenizer
         self.bos = bos
-        self.bos_id = tokenizer.bos_token_id
+        self.bos_id = tokenizer.bos_token_id   # None: this tokenizer has no BOS (Qwen) and never gets one
+        self.template_date = template_date
+        self.template, self.template_vars = pin_template_clock(tokenizer.get_chat_template(chat_template),
+                                                               template_date)
         self.max_length = max_length
         # what max_length is, for the too-long error
         self.length_limit = length_limit or f"the model's maximum of {max_length}"
@@ -89,10 +137,10 @@ class Preprocessor:
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=False, chat_template=self.chat_template)
+            messages, tokenize=False, add_generation_prompt=False, chat_template=self.template, **self.template_vars)
 
     def _apply_bos(self, ids: list[int]) -> list[int]:
-        if self.bos != "one":
+        if self.bos != "one" or self.bos_id is None:
             return ids
         start = 0
         while start < len(ids) and ids[start] == self.bos_id:

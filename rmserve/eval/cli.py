@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
         check_device(args.device)
         engine = EngineConfig(dtype=args.dtype, device=args.device, attention=args.attention, bos=args.bos,
                               max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
-                              kernels=args.kernels)
+                              kernels=args.kernels, template_date=args.template_date)
         config = EvalConfig(args.benchmark, args.output, args.model, input=args.input, split=args.split,
                             format=args.format, engine=engine, part_rows=args.part_rows, quiet=args.quiet,
                             overwrite=args.overwrite)

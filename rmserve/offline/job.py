@@ -198,6 +198,7 @@ def summarize(prep: Prepared, seconds: float) -> dict:
     s: dict[str, Any] = {"input": prep.config.input, "output": prep.config.output,
                          "errors_file": prep.store.errors_path, "model": prep.config.model,
                          "family": prep.info["family"], "shape": prep.shape.shape, "names": prep.info["names"],
+                         "template_date": prep.config.engine.template_date,
                          **total, "seconds": round(seconds, 3),
                          "rows_per_s": total["rows"] / seconds if seconds else None,
                          "tokens_per_s": total["tokens"] / seconds if seconds else None}

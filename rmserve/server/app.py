@@ -325,7 +325,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def models() -> ModelList:
         card = ModelCard(id=config.model_name, family=spec.family, architecture=spec.architecture,
                          dtype=sync.config.dtype, device=sync.config.device, max_length=sync.config.max_length,
-                         names=names)
+                         names=names, template_date=sync.config.template_date)
         return ModelList(data=[card])
 
     @app.get("/metrics", response_class=Response)

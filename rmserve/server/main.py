@@ -69,7 +69,8 @@ def serve(args: argparse.Namespace) -> int:
         check_device(args.device)
         engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
                                         max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
-                                        quantization=args.quantization, quant_kernels=args.quant_kernels)
+                                        quantization=args.quantization, quant_kernels=args.quant_kernels,
+                                        template_date=args.template_date)
     except ValueError as e:   # ConfigError, CheckpointError, a bad setting: one line, not a traceback
         print(f"rmserve serve: {e}", file=sys.stderr)
         return 2

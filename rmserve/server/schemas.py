@@ -77,6 +77,7 @@ class ModelCard(BaseModel):
     device: str
     max_length: int
     names: list[str]
+    template_date: str = Field(description="the date chat templates that read the clock render as today")
 
 
 class ModelList(BaseModel):
