@@ -175,8 +175,8 @@ def inv_freq_oracle(spec: RopeSpec, head_dim: int) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def case_rope(g, T, n_q, n_kv, head_dim, dtype, device, llama3: bool, max_pos: int):
-    spec = RopeSpec(theta=500000.0, llama3_factor=8.0 if llama3 else None)
+def case_rope(g, T, n_q, n_kv, head_dim, dtype, device, llama3: bool, max_pos: int, factor: float = 8.0):
+    spec = RopeSpec(theta=500000.0, llama3_factor=factor if llama3 else None)
     inv = inv_freq(spec, head_dim)
     # fp32 arithmetic on the way (pow, divide, the smoothing): a few fp32 ulps (1.2e-7 each) of relative error
     torch.testing.assert_close(inv.double(), inv_freq_oracle(spec, head_dim), rtol=2e-6, atol=0)
@@ -199,6 +199,32 @@ def case_rope(g, T, n_q, n_kv, head_dim, dtype, device, llama3: bool, max_pos: i
     check(got, want, dtype, "rope")
     if dtype in LOW:
         check_2x(got, want, oracle, "rope")
+
+
+def case_qk_norm_rope(g, T, n_q, n_kv, head_dim, dtype, device, max_pos: int = 40960):
+    """Qwen3's per-head q/k RMSNorm fused with RoPE (theta 1e6, eps 1e-6), in place inside a fused QKV
+    output. In place, so nothing is allocated to poison: the norm changes every element, so one the
+    kernel skips keeps its input value and fails the comparison."""
+    inv = inv_freq(RopeSpec(theta=1000000.0), head_dim).to(device)
+    pos = torch.randint(0, max_pos, (T,), generator=g).to(device)
+    pos[0] = 0
+    width = (n_q + 2 * n_kv) * head_dim
+    qkv = randn(g, T, width, dtype=dtype, device=device, scale=4.0)   # projection outputs are not unit rows
+    qw, kw = ((1 + randn(g, head_dim, device=device, scale=0.3)).to(dtype) for _ in range(2))
+    eps = 1e-6
+
+    def split(t):
+        q, k, v = t.split([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], dim=-1)
+        return q.view(T, n_q, head_dim), k.view(T, n_kv, head_dim), v
+
+    got, want, oracle = qkv.clone(), qkv.clone(), qkv.float()
+    rope.qk_norm_rope(*split(got)[:2], pos, inv, qw, kw, eps)
+    rope.qk_norm_rope_ref(*split(want)[:2], pos, inv, qw, kw, eps)
+    rope.qk_norm_rope_ref(*split(oracle)[:2], pos, inv, qw.float(), kw.float(), eps)
+    assert torch.equal(split(got)[2], split(qkv)[2]), "qk_norm_rope wrote into v"
+    check(got, want, dtype, "qk_norm_rope")
+    if dtype in LOW:
+        check_2x(got, want, oracle, "qk_norm_rope")
 
 
 def case_gather_project(g, T, H, B, rows, w_dtype, h_dtype, device, bias: bool):

@@ -1,5 +1,6 @@
-"""The test oracle: transformers' LlamaModel hidden states plus each family's head written
-plainly from ../shared/spec/reward-models.md, on the checkpoint's own files.
+"""The test oracle: transformers' LlamaModel (Qwen2Model, Qwen3Model for those backbones) hidden
+states plus each family's head written plainly from ../shared/spec/reward-models.md and
+more-models.md, on the checkpoint's own files.
 
 Deliberately independent of rmserve's model and heads: it reads the safetensors itself,
 runs one sequence at a time with no packing, and does the head math in fp32 (or in the
@@ -26,12 +27,14 @@ def read_checkpoint(model_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def hf_backbone(cfg: dict, tensors: dict[str, torch.Tensor], dtype=torch.float32, device="cpu"):
-    from transformers import LlamaConfig, LlamaModel
+    import transformers
 
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[cfg.get("model_type", "llama")]
+    config_class, model_class = getattr(transformers, name + "Config"), getattr(transformers, name + "Model")
     keys = {k: v for k, v in cfg.items() if k not in ("architectures", "auto_map")}
-    config = LlamaConfig(**keys)
+    config = config_class(**keys)
     config._attn_implementation = "eager"
-    model = LlamaModel(config).to(device=device).eval()
+    model = model_class(config).to(device=device).eval()
     # Module.to(dtype) would round the RoPE inverse frequencies to bf16 too (angle errors ~0.1 rad
     # at position 100); from_pretrained(torch_dtype=...) keeps them fp32, so the oracle does too.
     inv_freq = model.rotary_emb.inv_freq
@@ -76,6 +79,8 @@ def head_ref(cfg: dict, t: dict[str, torch.Tensor], h: torch.Tensor, g_in: torch
         x = F.selu(_lin(x, t, "weights.fc.2"))
         w = _lin(x, t, "weights.fc.4")[0].float()
         return {"score": (mu * w).sum(), "means": mu, "spreads": spread, "sigmas": torch.exp(0.5 * spread), "weights": w}
+    if arch == "Qwen2ForRewardModel":   # score = Linear(h, h) -> ReLU -> Linear(h, 1), biases, last token
+        return {"score": _lin(F.relu(_lin(h, t, "score.0")), t, "score.2")[0, 0].float()}
     if arch == "LlamaForCausalLM":
         if cfg["vhead_layer_type"] == "linear":
             return {"score": _lin(h, t, "v_head.summary")[0, 0].float()}
