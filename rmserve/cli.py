@@ -63,7 +63,7 @@ def _add_score(sub) -> None:
                        description="Score every row of a file; rerun the same command to resume.",
                        formatter_class=HelpFormatter)
     s.add_argument("input", help=".jsonl, .jsonl.gz, .parquet, a datasets directory, or hf:<name>[:<split>]")
-    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
+    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<preset> (see README)")
     s.add_argument("--output", required=True,
                    help="the output file: .parquet, or .jsonl/.json/.ndjson (or any name with --format), in an "
                         "existing directory; parts go to OUTPUT.parts/ meanwhile")

@@ -7,6 +7,7 @@
 | qrm    | score, rewards (μ @ T), gating, reward_quantiles, quantiles (per objective) |
 | urm    | score, means, spreads (raw), sigmas, weights                               |
 | grm    | score                                                                      |
+| qwen2_rm | score                                                                    |
 
 `samples` / `score_samples` are set when sampling was asked for. A sample that could not be
 scored has `error` set and no outputs.
