@@ -173,7 +173,7 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, model: str, **settings: Any) -> "Engine":
-        """model: a checkpoint directory, a hub id, or `tiny:<preset>` (random weights, for trying things; tiny.PRESETS).
+        """model: a checkpoint directory, a hub id, or `tiny:<preset>` (random weights, for trying things).
         settings: EngineConfig fields."""
         config = EngineConfig(**settings)
         check_device(config.device, "device=")

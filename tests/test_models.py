@@ -137,16 +137,17 @@ def test_graph_runner_replays_the_new_backbones(engines, rng):
     for name in ("qwen3", "qwen2_rm"):
         engine = engines[name]
         convs = workload(rng)
-        groups = [None] * 4 + ["bon"] * 3 + ["pair"] * 2
-        eager = engine.score(convs, groups)
+        calls = [[None] * len(convs), [None] * 4 + ["bon"] * 3 + ["pair"] * 2]   # every sample alone; shared prompts
+        eager = [engine.score(convs, groups) for groups in calls]
         engine.graphs, recorder = runner_for(engine, [Bucket(tokens=600, max_seqlen=300, seqs=12)])   # one capture
         try:
-            graphed = engine.score(convs, groups)
+            graphed = [engine.score(convs, groups) for groups in calls]
         finally:
             engine.graphs = None
         assert recorder.replayed > 0
-        for a, b in zip(graphed, eager):
-            assert a.score == pytest.approx(b.score, rel=RTOL, abs=ATOL)
+        for got, want in zip(graphed, eager):
+            for a, b in zip(got, want):
+                assert a.score == pytest.approx(b.score, rel=RTOL, abs=ATOL)
 
 
 # ------------------------------------------------------------------ BOS, dates, think blocks
@@ -281,7 +282,8 @@ def test_config_defaults_and_harmless_keys(paths):
 
 @pytest.mark.parametrize("name,edit,message", [
     ("qwen2", lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"), r"model\.layers\.1\.self_attn\.k_proj\.bias"),
-    ("qwen3", lambda t: t.pop("model.layers.0.self_attn.k_norm.weight"), r"model\.layers\.0\.self_attn\.k_norm\.weight"),
+    ("qwen3", lambda t: t.pop("model.layers.0.self_attn.k_norm.weight"),
+     r"model\.layers\.0\.self_attn\.k_norm\.weight"),
     ("qwen2", lambda t: t.update({"model.layers.0.self_attn.v_proj.bias": torch.zeros(7)}), r"has shape \[7\]"),
     ("qwen2", lambda t: t.update({"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}), "unexpected tensor"),
     ("llama32", lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.zeros(64)}), "unexpected tensor"),
