@@ -127,6 +127,15 @@ def test_kernel_path_equals_torch_path(paths, engines, name, rng):
         assert got.score == pytest.approx(want.score, rel=RTOL, abs=ATOL)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or not interpreting(), reason="runs the kernels in the CPU interpreter")
+def test_qwen2_rm_fused_head_in_bf16(tiny_model, rng):
+    """The Qwen2 RM's score MLP (hidden x hidden first layer) through the fused gather-projection in bf16:
+    test_kernels_engine's check (fused vs PyTorch head, the 2x rule against the fp32 spec head)."""
+    from . import test_kernels_engine
+
+    test_kernels_engine.test_fused_head_in_bf16(tiny_model, "qwen2_rm", rng)
+
+
 def test_graph_runner_replays_the_new_backbones(engines, rng):
     """The CUDA-graph runner's logic (fake capture, as tests/test_cuda_graphs.py) on Qwen3 and the Qwen2 RM,
     in calls that mix plain samples and a shared prompt: every score is the eager engine's."""
