@@ -43,7 +43,7 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class Backbone:
+class BackboneSpec:
     """What a `model_type` means, read from transformers 5's config and modeling files."""
     max_position_embeddings: int    # default when config.json has none
     head_dim: int | None            # default head_dim; None: hidden_size // num_attention_heads
@@ -56,15 +56,15 @@ class Backbone:
 BACKBONES = {
     # LlamaConfig: head_dim None -> hidden // heads; attention_bias puts a bias on q, k, v AND o; mlp_bias on
     # the MLP. LlamaAttention reads no sliding-window key.
-    "llama": Backbone(max_position_embeddings=2048, head_dim=None, qkv_bias=False, qk_norm=False,
-                      sliding_window_keys=False, bias_keys=("attention_bias", "mlp_bias")),
+    "llama": BackboneSpec(max_position_embeddings=2048, head_dim=None, qkv_bias=False, qk_norm=False,
+                          sliding_window_keys=False, bias_keys=("attention_bias", "mlp_bias")),
     # Qwen2Config has no head_dim field (Qwen2Attention: getattr(config, "head_dim", hidden // heads)) and
     # no attention_bias: q/k/v always have a bias, o_proj never.
-    "qwen2": Backbone(max_position_embeddings=32768, head_dim=None, qkv_bias=True, qk_norm=False,
-                      sliding_window_keys=True, bias_keys=()),
+    "qwen2": BackboneSpec(max_position_embeddings=32768, head_dim=None, qkv_bias=True, qk_norm=False,
+                          sliding_window_keys=True, bias_keys=()),
     # Qwen3Config: head_dim defaults to 128 (not hidden // heads); attention_bias on q, k, v and o.
-    "qwen3": Backbone(max_position_embeddings=32768, head_dim=128, qkv_bias=False, qk_norm=True,
-                      sliding_window_keys=True, bias_keys=("attention_bias",)),
+    "qwen3": BackboneSpec(max_position_embeddings=32768, head_dim=128, qkv_bias=False, qk_norm=True,
+                          sliding_window_keys=True, bias_keys=("attention_bias",)),
 }
 
 # architecture -> (family, model_type); LlamaForRewardModelWithGating and LlamaForCausalLM need more keys.
@@ -176,11 +176,11 @@ def _rope(cfg: dict, layer_types: list[str], max_positions: int) -> RopeSpec:
     )
 
 
-def _max_positions(cfg: dict, backbone: Backbone) -> int:
+def _max_positions(cfg: dict, backbone: BackboneSpec) -> int:
     return int(cfg.get("max_position_embeddings") or backbone.max_position_embeddings)
 
 
-def _layer_types(cfg: dict, backbone: Backbone, num_layers: int, max_positions: int) -> list[str]:
+def _layer_types(cfg: dict, backbone: BackboneSpec, num_layers: int, max_positions: int) -> list[str]:
     """Each layer's attention as transformers 5's Qwen2Config / Qwen3Config derive it: the window is
     `sliding_window` only with `use_sliding_window`, and layer_types (if absent) slides layers from
     max_window_layers on. A window that covers max_position_embeddings changes nothing (no sample is

@@ -289,6 +289,32 @@ def test_config_defaults_and_harmless_keys(paths):
     assert spec_from_dict(_cfg(paths, "qwen3", tie_word_embeddings=False)) == spec_from_dict(_cfg(paths, "qwen3"))
 
 
+def test_covering_sliding_window_is_irrelevant_in_transformers_too(paths, engines, tmp_path):
+    """At the boundary rmserve accepts, a window exactly as long as max_position_embeddings (= this sample's
+    length) on every layer: transformers' logit equals rmserve's full-attention score. One token shorter,
+    transformers' score changes, and rmserve refuses the config."""
+    from transformers import AutoModelForSequenceClassification
+
+    ids = list(engines["qwen2"].encode([CONV])[0].ids)
+    full = engines["qwen2"].score([ids])[0].score
+    logits = {}
+    for window in (len(ids), len(ids) - 1):
+        path = copy_checkpoint(paths["qwen2"], tmp_path / f"w{window}")
+        edit_config(path, use_sliding_window=True, max_window_layers=0, sliding_window=window,
+                    max_position_embeddings=len(ids))
+        hf = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        assert set(hf.config.layer_types) == {"sliding_attention"}
+        with torch.no_grad():
+            logits[window] = hf(torch.tensor([ids])).logits[0, 0].item()
+        if window == len(ids):
+            assert Engine.from_pretrained(path, dtype="float32", device="cpu").score([ids])[0].score == full
+        else:
+            with pytest.raises(ConfigError, match="sliding-window"):
+                load_spec(path)
+    assert logits[len(ids)] == pytest.approx(full, rel=RTOL, abs=ATOL)
+    assert abs(logits[len(ids) - 1] - full) > 1e-4
+
+
 @pytest.mark.parametrize("name,edit,message", [
     ("qwen2", lambda t: t.pop("model.layers.1.self_attn.k_proj.bias"), r"model\.layers\.1\.self_attn\.k_proj\.bias"),
     ("qwen3", lambda t: t.pop("model.layers.0.self_attn.k_norm.weight"),
