@@ -2,7 +2,9 @@
 
 BACKBONES: the backbone part of each supported checkpoint's config.json (sizes, RoPE, vocabulary).
 HEADS: each family's head part, as the published checkpoints (../shared/spec) have it.
-`config(backbone, family, layers=None)` joins one of each into a complete config.json;
+`config(backbone, family, layers=None)` joins one of each into a complete config.json (the
+architecture follows the backbone: a BT head on Qwen3 is Qwen3ForSequenceClassification), for the
+families that exist on that backbone (`families(backbone)`);
 `model_of_shape(config, device, dtype, fill=None)` builds that model with no checkpoint.
 
 Read by the kernel compile test (tests/test_kernel_compile.py runs every backbone x family as a
@@ -18,6 +20,14 @@ import torch
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA32_ROPE = {**LLAMA3_ROPE, "factor": 32.0}
+_QWEN3 = {"model_type": "qwen3", "head_dim": 128, "vocab_size": 151936, "max_position_embeddings": 40960,
+          "rms_norm_eps": 1e-6, "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+          "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False, "use_sliding_window": False,
+          "sliding_window": None}
+_LLAMA32 = {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+            "hidden_act": "silu", "rope_parameters": LLAMA32_ROPE, "bos_token_id": 128000, "eos_token_id": 128009,
+            "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False}
 
 BACKBONES: dict[str, dict] = {
     # Llama-3.1-8B (Skywork-Reward, QRM, URM; Llama-3-8B's ArmoRM, FsfairX and GRM have the same
@@ -28,6 +38,27 @@ BACKBONES: dict[str, dict] = {
         "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "hidden_act": "silu",
         "rope_parameters": LLAMA3_ROPE, "bos_token_id": 128000, "eos_token_id": 128009,
         "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False,
+    },
+    # Skywork-Reward-V2-Llama-3.2-1B / 3B (hidden / layers / q heads / kv heads / intermediate from
+    # ../shared/spec/more-models.md; 1B's head_dim is 64)
+    "llama-3.2-1b": {**_LLAMA32, "hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192},
+    "llama-3.2-3b": {**_LLAMA32, "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24,
+                     "num_key_value_heads": 8, "head_dim": 128, "intermediate_size": 8192},
+    # Skywork-Reward-V2-Qwen3-0.6B / 8B: head_dim 128 whatever the width (0.6B: q_size 2048 != hidden 1024)
+    "qwen3-0.6b": {**_QWEN3, "hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "intermediate_size": 3072, "tie_word_embeddings": True,
+                   "max_window_layers": 28},
+    "qwen3-8b": {**_QWEN3, "hidden_size": 4096, "num_hidden_layers": 36, "num_attention_heads": 32,
+                 "num_key_value_heads": 8, "intermediate_size": 12288, "tie_word_embeddings": False,
+                 "max_window_layers": 36},
+    # Qwen2.5-Math-RM-72B (Qwen2: q/k/v biases; head_dim = hidden / heads = 128)
+    "qwen2.5-math-rm-72b": {
+        "model_type": "qwen2", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+        "num_key_value_heads": 8, "intermediate_size": 29568, "vocab_size": 152064, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-6, "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
+        "max_window_layers": 80,
     },
 }
 
@@ -43,12 +74,35 @@ HEADS: dict[str, dict] = {
             "id2label": {str(i): f"LABEL_{i}" for i in range(10)}, "label2id": {f"LABEL_{i}": i for i in range(10)}},
     "grm": {"architectures": ["LlamaForCausalLM"], "vhead_layer_type": "mlp", "vhead_num_layers": 1,
             "vhead_num_neurons": 1024},
+    # the score MLP's width is the backbone's hidden size (config.py)
+    "qwen2_rm": {"architectures": ["Qwen2ForRewardModel"]},
 }
+
+
+def _architecture(family: str, model_type: str) -> str | None:
+    """The config.json architecture of `family`'s head on a `model_type` backbone (None: no such model)."""
+    from .config import ARCHITECTURES
+
+    arch = HEADS[family]["architectures"][0]
+    if ARCHITECTURES[arch][1] == model_type:
+        return arch
+    return next((a for a, (f, m) in ARCHITECTURES.items() if (f, m) == (family, model_type)), None)
+
+
+def families(backbone: str) -> list[str]:
+    """The families (config.FAMILIES order) whose heads exist on BACKBONES[backbone]."""
+    from .config import FAMILIES
+
+    return [f for f in FAMILIES if _architecture(f, BACKBONES[backbone]["model_type"]) is not None]
 
 
 def config(backbone: str | dict, family: str, layers: int | None = None) -> dict:
     """config.json of `family`'s head on `backbone` (a BACKBONES name or its dict); layers overrides the depth."""
-    cfg = {**(BACKBONES[backbone] if isinstance(backbone, str) else backbone), **HEADS[family]}
+    base = BACKBONES[backbone] if isinstance(backbone, str) else backbone
+    arch = _architecture(family, base.get("model_type", "llama"))
+    if arch is None:
+        raise ValueError(f"no {family} model on a {base.get('model_type')} backbone")
+    cfg = {**base, **HEADS[family], "architectures": [arch]}
     if layers is not None:
         cfg["num_hidden_layers"] = layers
     return cfg
