@@ -3,11 +3,11 @@
 BACKBONES: the backbone part of each supported checkpoint's config.json (sizes, RoPE, vocabulary).
 HEADS: each family's head part, as the published checkpoints (../shared/spec) have it.
 `config(backbone, family, layers=None)` joins one of each into a complete config.json (the
-architecture follows the backbone: a BT head on Qwen3 is Qwen3ForSequenceClassification), for the
-families that exist on that backbone (`families(backbone)`);
+architecture follows the backbone: a BT head on Qwen3 is Qwen3ForSequenceClassification);
+`families(backbone)` names the heads its published checkpoints have;
 `model_of_shape(config, device, dtype, fill=None)` builds that model with no checkpoint.
 
-Read by the kernel compile test (tests/test_kernel_compile.py runs every backbone x family as a
+Read by the kernel compile test (tests/test_kernel_compile.py runs every backbone x its families as a
 one-layer engine and compiles each kernel launch it records), the benchmarks (bench/rmbench.py)
 and the GPU lease's checkpoint (bench/write_checkpoint.py). A new architecture or shape is one
 entry here: those all pick it up.
@@ -89,11 +89,18 @@ def _architecture(family: str, model_type: str) -> str | None:
     return next((a for a, (f, m) in ARCHITECTURES.items() if (f, m) == (family, model_type)), None)
 
 
+# The families of the published checkpoints of each backbone (llama-3.1-8b: all of the Llama ones).
+CHECKPOINTS = {"llama-3.2-1b": ("bt",), "llama-3.2-3b": ("bt",), "qwen3-0.6b": ("bt",), "qwen3-8b": ("bt",),
+               "qwen2.5-math-rm-72b": ("qwen2_rm",)}
+
+
 def families(backbone: str) -> list[str]:
-    """The families (config.FAMILIES order) whose heads exist on BACKBONES[backbone]."""
+    """The families (config.FAMILIES order) of the published checkpoints on BACKBONES[backbone]:
+    CHECKPOINTS, or every family whose head exists on that backbone."""
     from .config import FAMILIES
 
-    return [f for f in FAMILIES if _architecture(f, BACKBONES[backbone]["model_type"]) is not None]
+    valid = [f for f in FAMILIES if _architecture(f, BACKBONES[backbone]["model_type"]) is not None]
+    return [f for f in valid if f in CHECKPOINTS.get(backbone, valid)]
 
 
 def config(backbone: str | dict, family: str, layers: int | None = None) -> dict:

@@ -4,7 +4,7 @@ with no GPU: kernels/launch.py records the engine's launches, kernels/compile.py
 The recorder's key is checked on known arguments here always. The full check is a separate CI
 stage (RMSERVE_KERNEL_COMPILE=1; bench/compile_kernels.sh, which .ci/run runs after the suite;
 minutes): the real engine (`Engine.score` on packed batches, kernels="triton") runs a one-layer
-model of every backbone in rmserve/shapes.py with every family's head on it (shapes.families), in bf16 and
+model of every backbone in rmserve/shapes.py with its checkpoints' heads (shapes.families), in bf16 and
 fp16, on batches of 1, 5, 16, 24 and 32 samples (every block size and integer specialization of
 the launchers), a shared-prefix batch, and URM/QRM sampling with small and large K, recorded
 without running the kernel bodies (`recording(dry=True)`: specializations do not depend on

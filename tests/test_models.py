@@ -248,6 +248,20 @@ def test_qwen3_think_blocks_render_as_its_template_does(engines):
 
 # ------------------------------------------------------------------ strict config and loader
 
+def test_real_shapes_table_holds_the_new_models():
+    """rmserve/shapes.py (what the kernel compile stage runs) parses into the backbones' specs."""
+    from rmserve import shapes
+
+    specs = {b: spec_from_dict(shapes.config(b, f)) for b in shapes.BACKBONES for f in shapes.families(b)}
+    q06, l1, rm = specs["qwen3-0.6b"], specs["llama-3.2-1b"], specs["qwen2.5-math-rm-72b"]
+    assert (q06.architecture, q06.qk_norm, q06.head_dim, q06.q_size, q06.hidden_size) == \
+        ("Qwen3ForSequenceClassification", True, 128, 2048, 1024)
+    assert (l1.head_dim, l1.rope.llama3_factor) == (64, 32.0) and specs["qwen3-8b"].q_size == 4096
+    assert (rm.family, rm.qkv_bias, rm.head.vhead_num_neurons) == ("qwen2_rm", True, 8192)
+    with pytest.raises(ValueError, match="no armorm model on a qwen3 backbone"):
+        shapes.config("qwen3-8b", "armorm")
+
+
 def _cfg(paths, name, **changes):
     with open(os.path.join(paths[name], "config.json")) as f:
         cfg = json.load(f)
