@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..kernels.fp8_quant import TORCH_FP8_OPS, Fp8Ops, per_token_quant_fp8_ref
-from .llama import MLP, LlamaBackbone, RMSNorm
+from .decoder import MLP, Backbone, RMSNorm
 
 QUANTIZATIONS = ("fp8",)
 
@@ -120,7 +120,7 @@ def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
                          f"scales on {device} ({e})") from e
 
 
-def quantize_backbone(backbone: LlamaBackbone, quantization: str) -> None:
+def quantize_backbone(backbone: Backbone, quantization: str) -> None:
     """Replaces, in every decoder layer, the linears in QUANTIZED by Fp8Linear (weights quantized
     here, the model-dtype weights freed) and their input ops by the quantizing ones."""
     if quantization not in QUANTIZATIONS:
@@ -138,7 +138,7 @@ def quantize_backbone(backbone: LlamaBackbone, quantization: str) -> None:
             setattr(layer, name, cls(getattr(layer, name)))
 
 
-def use_fp8_ops(backbone: LlamaBackbone, ops: Fp8Ops) -> None:
+def use_fp8_ops(backbone: Backbone, ops: Fp8Ops) -> None:
     """Run the quantizing ops through `ops` (kernels/fp8_quant.py: csrc kernels or references)."""
     for m in backbone.modules():
         if isinstance(m, (Fp8Linear, Fp8RMSNorm, Fp8MLP)):
