@@ -6,14 +6,16 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from . import pipeline
 from .config import ModelSpec
 from .device_check import check_device
+from .forward import ModelForward
 from .inputs import TEMPLATE_DATE, Encoded, InputError, Preprocessor, parse_template_date
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
 from .packing import PackedBatch, pack
-from .prefix import score_shared
+from .prefix import Limits
 from .results import ScoreResult
 from .sampling import add_samples, check_sampling
 
@@ -161,12 +163,12 @@ class Engine:
             use_fp8_ops(model.backbone, self.quant_ops)
         self.config = replace(self.config, kernels=self.ops.name,
                               quant_kernels=self.quant_ops.name if self.quant_ops else config.quant_kernels)
-        self.graphs = None   # CUDA: the batch budget comes from free memory, then graphs are captured
+        self.model_forward = ModelForward(model, self.device)
         memory_tokens = None
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":   # the batch budget comes from free memory, then graphs are captured
             from .cuda_graphs import prepare_cuda
 
-            budget, memory_tokens, self.graphs = prepare_cuda(self)
+            budget, memory_tokens, self.model_forward.graphs = prepare_cuda(self)
             self.config = replace(self.config, max_batch_tokens=budget,
                                   max_length=length_limit(self.spec, config, memory_tokens)[0])
         self.preprocessor = make_preprocessor(self.spec, tokenizer, config, memory_tokens)
@@ -191,6 +193,21 @@ class Engine:
     def family(self) -> str:
         return self.spec.family
 
+    @property
+    def graphs(self):
+        """The CUDA graph runner (cuda_graphs.GraphRunner), or None: every batch runs eagerly."""
+        return self.model_forward.graphs
+
+    @graphs.setter
+    def graphs(self, runner) -> None:
+        self.model_forward.graphs = runner
+
+    def limits(self) -> Limits:
+        """How a call's samples are planned into batches, from the current config."""
+        cfg = self.config
+        return Limits(max_tokens=cfg.max_batch_tokens, max_seqs=cfg.max_batch_seqs, share=cfg.share_prefix,
+                      min_shared=cfg.share_min_tokens)
+
     def encode(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
         return self.preprocessor.encode_many(conversations)
 
@@ -212,12 +229,11 @@ class Engine:
     def score_encoded(self, encoded: Sequence[Encoded | InputError],
                       groups: Sequence[Any] | None = None) -> list[ScoreResult]:
         """Encoded samples (or their input errors) -> results in input order. groups: see `score`.
-        With share_prefix off every sample stands alone, and the planner then gives exactly
-        packing.plan_batches' batches (tests/test_prefix.py)."""
+        Identical samples run once and get equal results. With share_prefix off every sample
+        stands alone, and the planner then gives exactly packing.plan_batches' batches
+        (tests/test_prefix.py). The batching loop is rmserve/pipeline.py's, shared with score_stream."""
         encoded = [self._fits(e) for e in encoded]
-        if not self.config.share_prefix:
-            groups = [None] * len(encoded)
-        return score_shared(self, encoded, groups)
+        return pipeline.score_encoded(self.model_forward, encoded, groups, self.limits())
 
     def _fits(self, e: Encoded | InputError) -> Encoded | InputError:
         """Samples encoded elsewhere (a Ray job's tokenizer stage, another engine) are held to this
@@ -240,36 +256,24 @@ class Engine:
         flight while the host prepares the next (pipeline.py). A sample's result equals what
         `score` gives for it in the same batch; samples that cannot be scored come back with
         `error` set. With share_prefix on, samples of one look-ahead window that start with the same
-        tokens share their prompt, as `score` finds them without `groups=`.
+        tokens share their prompt, as `score` finds them without `groups=`, and identical samples
+        of a window run once.
 
             for index, result in engine.score_stream(rows):
                 out[index] = result
         """
-        from .pipeline import score_stream
-
-        return score_stream(self, conversations)
+        cfg = self.config
+        return pipeline.score_stream(self.model_forward, self.preprocessor, conversations, self.limits(),
+                                     cfg.lookahead, cfg.tokenizer_threads)
 
     def make_batch(self, items: Sequence[Encoded]) -> PackedBatch:
         gates = [e.gate for e in items] if self.model.head.needs_gate else None
         return pack([e.ids for e in items], gates, device=self.device)
 
-    @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        """One packed batch -> the head's outputs (fp32, on the engine's device): a CUDA graph's
-        replay when a bucket fits it (cuda_graphs.py), else eager."""
-        if self.graphs is not None:
-            return self.graphs(batch)
-        return self.forward_eager(batch)
+        """One packed batch on the engine's device -> the head's outputs (fp32, on the device): a CUDA
+        graph's replay when a bucket fits it (cuda_graphs.py), else eager (forward.ModelForward)."""
+        return self.model_forward.forward(batch)
 
-    @torch.inference_mode()
     def forward_eager(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
-        hidden = self.model.backbone(batch)
-        return self.model.head.packed(hidden, batch.last_idx, batch.gate_idx)
-
-    def run_batch(self, items: Sequence[Encoded]) -> dict[str, list]:
-        outputs = self.forward(self.make_batch(items))
-        return {k: v.cpu().tolist() for k, v in outputs.items()}
-
-    def _result(self, outputs: dict[str, list], row: int, num_tokens: int) -> ScoreResult:
-        values = {k: v[row] for k, v in outputs.items()}
-        return ScoreResult(num_tokens=num_tokens, names=self.spec.head.names, **values)
+        return self.model_forward.eager(batch)

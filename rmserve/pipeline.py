@@ -1,14 +1,19 @@
-"""Streaming scoring: an iterable of conversations in, (index, ScoreResult) out, with bounded
-memory and the host's work overlapped with the device's.
+"""The batching loop, the one home of every scoring call: planned batches in, results out, with
+the host's work overlapped with the device's.
 
-    tokenizer threads  ->  length-aware scheduler  ->  pinned host batch -> async copy to device
-    (chunks ahead)         (scheduler.py window)       forward (CUDA graph or eager)
-                                                       head outputs only -> async copy to pinned host, event
+    engine -> planner (prefix.plan_samples) -> packed batch -> ModelForward (backbone, head) -> results
 
-One batch is in flight while the host packs the next and turns the previous one's outputs into
-results, so in steady state the device does not wait on the host. With share_prefix on, each
-window is planned with shared prompts (rmserve/prefix.py): samples of the window that start with
-the same share_min_tokens+ tokens run their common prompt once.
+    per batch:  pack on the host -> pinned memory, async copy to the device (CUDA)
+                -> forward (a CUDA graph's replay or eager) -> head outputs only
+                -> async copy to pinned host memory, an event -> ScoreResult per row
+
+`run` keeps one batch in flight while the host packs the next and turns the previous one's
+outputs into results, so in steady state the device does not wait on the host. `score_encoded`
+(Engine.score, score_encoded, the async engine, the offline job) plans one call's samples at
+once; `score_stream` tokenizes on worker threads and plans a window of `lookahead` samples at a
+time (scheduler.stream_plans). Both plan with the same planner, so both share prompts
+(share_prefix) and merge identical samples (within the call, or within a window) the same way.
+Every device step runs with the engine's device current (rmserve/devices.py).
 """
 from __future__ import annotations
 
@@ -18,23 +23,22 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields, replace
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import Any, Hashable, Iterable, Iterator, Sequence
 
 import torch
 
-from .inputs import Encoded, InputError
-from .packing import PackedBatch, pack
-from .prefix import Group, pack_shared, plan_call
+from . import devices
+from .forward import ModelForward
+from .inputs import Encoded, InputError, Preprocessor
+from .packing import PackedBatch
+from .prefix import Limits, PlannedBatch, plan_samples
 from .results import ScoreResult
-from .scheduler import stream_batches, stream_plans
-
-if TYPE_CHECKING:
-    from .engine import Engine
+from .scheduler import stream_plans
 
 CHUNK = 64   # conversations a tokenizer thread encodes at a time
 
 
-def encode_stream(engine: "Engine", conversations: Iterable[Any], threads: int,
+def encode_stream(preprocessor: Preprocessor, conversations: Iterable[Any], threads: int,
                   chunk: int = CHUNK) -> Iterator[tuple[int, Encoded | InputError]]:
     """(index, Encoded or InputError) in input order, tokenized up to 2 * threads chunks ahead."""
     if threads < 1:
@@ -43,8 +47,8 @@ def encode_stream(engine: "Engine", conversations: Iterable[Any], threads: int,
 
     def encode(items: list) -> list:
         if threads > 1 and not hasattr(local, "pre"):   # fast tokenizers are not safe to share
-            local.pre = copy.deepcopy(engine.preprocessor)
-        pre = local.pre if threads > 1 else engine.preprocessor
+            local.pre = copy.deepcopy(preprocessor)
+        pre = local.pre if threads > 1 else preprocessor
         return pre.encode_many(items)
 
     it = iter(conversations)
@@ -77,77 +81,100 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     return replace(batch, **moved)
 
 
-def shared_planner(engine: "Engine"):
-    """Plans a scheduler window with shared prefixes (prefix.plan_call, prompts found by equal
-    leading tokens): each batch's rows in group order, and its groups renumbered to those rows
-    (None when no group in the batch shares, so the batch takes the plain path)."""
-    cfg = engine.config
+class InFlight:
+    """One launched batch: its plan and its head outputs on their way to the host."""
 
-    def plan(window: list[tuple[int, Encoded]]) -> list[tuple[list[int], list[Group] | None]]:
-        out = []
-        for groups in plan_call([e for _, e in window], None, min_shared=cfg.share_min_tokens,
-                                max_tokens=cfg.max_batch_tokens, max_seqs=cfg.max_batch_seqs):
-            rows: list[int] = []
-            local: list[Group] = []
-            for g in groups:
-                local.append(Group(tuple(range(len(rows), len(rows) + len(g.members))), g.prefix))
-                rows.extend(g.members)
-            out.append((rows, local if any(g.prefix for g in local) else None))
-        return out
-
-    return plan
-
-
-class _InFlight:
-    """One launched batch: its samples and its outputs on their way to the host."""
-
-    def __init__(self, items: list[tuple[int, Encoded]], outputs: dict[str, torch.Tensor], device: torch.device):
-        self.items = items
+    def __init__(self, planned: PlannedBatch, outputs: dict[str, torch.Tensor], device: torch.device):
+        self.planned = planned
+        self.device = device
         if device.type == "cuda":
             self.outputs = {k: torch.empty(v.shape, dtype=v.dtype, pin_memory=True).copy_(v, non_blocking=True)
                             for k, v in outputs.items()}
             self.done = torch.cuda.Event()
-            self.done.record()
+            self.done.record(torch.cuda.current_stream(device))
         else:
             self.outputs, self.done = outputs, None
 
-    def results(self, engine: "Engine") -> Iterator[tuple[int, ScoreResult]]:
+    def results(self, names: tuple[str, ...]) -> list[tuple[Hashable, ScoreResult]]:
+        """(owner key, result) for every owner of every row; repeats of a sample get equal copies."""
         if self.done is not None:
-            self.done.synchronize()
+            with devices.on_device(self.device):
+                self.done.synchronize()
         values = {k: v.tolist() for k, v in self.outputs.items()}
-        for row, (index, enc) in enumerate(self.items):
-            yield index, engine._result(values, row, len(enc))
+        out = []
+        for row, (sample, owners) in enumerate(zip(self.planned.samples, self.planned.owners)):
+            res = ScoreResult(num_tokens=len(sample), names=names, **{k: v[row] for k, v in values.items()})
+            out.append((owners[0], res))
+            out.extend((key, copy.deepcopy(res)) for key in owners[1:])
+        return out
 
 
-def score_stream(engine: "Engine", conversations: Iterable[Any]) -> Iterator[tuple[int, ScoreResult]]:
+def launch(model: ModelForward, planned: PlannedBatch) -> InFlight:
+    """The per-batch step up to the device: pack -> device -> forward -> outputs on their way back."""
+    host = planned.pack(model.needs_gate)
+    with devices.on_device(model.device):
+        outputs = model.forward(to_device(host, model.device))
+        return InFlight(planned, outputs, model.device)
+
+
+def run(model: ModelForward, batches: Iterable[PlannedBatch]) -> Iterator[tuple[Hashable, ScoreResult]]:
+    """Every planned batch through the model, one in flight while the host prepares the next:
+    yields (owner key, result) as batches complete."""
+    inflight: deque[InFlight] = deque()
+    for planned in batches:
+        inflight.append(launch(model, planned))
+        if len(inflight) > 1:   # the batch just launched keeps the device busy meanwhile
+            yield from inflight.popleft().results(model.names)
+    while inflight:
+        yield from inflight.popleft().results(model.names)
+
+
+def score_encoded(model: ModelForward, encoded: Sequence[Encoded | InputError],
+                  groups: Sequence[Hashable | None] | None, limits: Limits) -> list[ScoreResult]:
+    """Encoded samples (or their input errors) -> results in input order (see Engine.score_encoded)."""
+    if groups is not None and len(groups) != len(encoded):
+        raise ValueError(f"groups= needs one key per sample: {len(groups)} keys for {len(encoded)} samples")
+    results: list[ScoreResult | None] = [None] * len(encoded)
+    items: list[tuple[int, Encoded]] = []
+    for i, e in enumerate(encoded):
+        if isinstance(e, Encoded):
+            items.append((i, e))
+        else:
+            results[i] = ScoreResult(error=str(e))
+    hints = None if groups is None else [groups[i] for i, _ in items]
+    for i, res in run(model, plan_samples(items, hints, limits)):
+        results[i] = res
+    return results  # type: ignore[return-value]
+
+
+def window_planner(limits: Limits):
+    """scheduler.stream_plans' planner: a window of (index, Encoded) -> batches, each (the window
+    positions of all its samples, repeats included, and its PlannedBatch)."""
+
+    def plan(window: Sequence[tuple[int, Encoded]]) -> list[tuple[list[int], PlannedBatch]]:
+        position = {index: at for at, (index, _) in enumerate(window)}
+        return [([position[key] for owners in planned.owners for key in owners], planned)
+                for planned in plan_samples(window, None, limits)]
+
+    return plan
+
+
+def score_stream(model: ModelForward, preprocessor: Preprocessor, conversations: Iterable[Any], limits: Limits,
+                 lookahead: int, threads: int) -> Iterator[tuple[int, ScoreResult]]:
     """See Engine.score_stream."""
-    cfg = engine.config
     errors: deque[tuple[int, ScoreResult]] = deque()
 
     def scorable() -> Iterator[tuple[int, Encoded]]:
-        for index, enc in encode_stream(engine, conversations, cfg.tokenizer_threads):
+        for index, enc in encode_stream(preprocessor, conversations, threads):
             if isinstance(enc, Encoded):
                 yield index, enc
             else:
                 errors.append((index, ScoreResult(error=str(enc))))
 
-    inflight: deque[_InFlight] = deque()
-    if cfg.share_prefix:
-        batches = stream_plans(scorable(), shared_planner(engine), cfg.lookahead)
-    else:
-        batches = ((items, None) for items in stream_batches(
-            scorable(), lambda s: len(s[1]), cfg.max_batch_tokens, cfg.max_batch_seqs, cfg.lookahead))
-    for items, groups in batches:
-        seqs = [e.ids for _, e in items]
-        gates = [e.gate for _, e in items] if engine.model.head.needs_gate else None
-        host = pack(seqs, gates) if groups is None else pack_shared(seqs, gates, groups)
-        # a shared-prefix batch has no graph bucket: Engine.forward runs it eagerly
-        inflight.append(_InFlight(items, engine.forward(to_device(host, engine.device)), engine.device))
+    planned = (p for _, p in stream_plans(scorable(), window_planner(limits), lookahead))
+    for item in run(model, planned):
         while errors:
             yield errors.popleft()
-        if len(inflight) > 1:   # the batch just launched keeps the device busy meanwhile
-            yield from inflight.popleft().results(engine)
-    while inflight:
-        yield from inflight.popleft().results(engine)
+        yield item
     while errors:
         yield errors.popleft()

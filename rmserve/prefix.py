@@ -1,4 +1,4 @@
-"""Shared-prefix scoring: a prompt common to several samples runs once.
+"""Shared-prefix planning and packing: a prompt common to several samples runs once.
 
 A preference pair is two conversations equal up to the last answer; best-of-N is N answers to
 one prompt. Here such samples form a `Group`: its `prefix` leading tokens (common to every
@@ -28,18 +28,21 @@ id) or, without hints, automatically by sorting the samples' token ids and cutti
 list where neighbours share fewer than `min_shared` tokens. Groups larger than the token budget
 are split into chunks that each recompute the prefix (`fit_budget`); batches are planned
 over whole chunks (`plan`), so no row is lost or duplicated.
+
+This module plans and packs only: `plan_samples` turns one call's (or one stream window's)
+samples into `PlannedBatch`es (identical samples merged into one row; with sharing off every
+sample stands alone, which gives packing.plan_batches' batches), and `PlannedBatch.pack` builds
+the batch; rmserve/pipeline.py runs them.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
 import torch
 
-from .inputs import Encoded, InputError
-from .packing import PackedBatch
-from .results import ScoreResult
+from .inputs import Encoded
+from .packing import PackedBatch, pack
 
 # Gathered key rows of one batch (prefix K/V repeated for each member) are bounded by this
 # multiple of the token budget; plain batches have exactly as many keys as tokens.
@@ -266,42 +269,68 @@ def plan_call(encoded: Sequence[Encoded], groups: Sequence[Hashable | None] | No
     return plan(fit_budget(found, lengths, max_tokens, max_seqs), lengths, max_tokens, max_seqs)
 
 
-def score_shared(engine, encoded: Sequence[Encoded | InputError],
-                 groups: Sequence[Hashable | None] | None = None) -> list[ScoreResult]:
-    """Engine.score_encoded with shared prefixes. Batches where no group shares take the
-    engine's plain path unchanged. Identical samples (same token ids) run once and get equal
-    results: a tied pair's margin is exactly 0 (two rows of one GEMM may differ in the last bit)."""
-    if groups is not None and len(groups) != len(encoded):
-        raise ValueError(f"groups= needs one key per sample: {len(groups)} keys for {len(encoded)} samples")
-    results: list[ScoreResult | None] = [None] * len(encoded)
-    first: dict[Encoded, int] = {}   # each distinct sample -> its first index
-    for i, e in enumerate(encoded):
-        if not isinstance(e, Encoded):
-            results[i] = ScoreResult(error=str(e))
-        else:
-            first.setdefault(e, i)
-    good = list(first.values())
-    items = [encoded[i] for i in good]
-    cfg = engine.config
-    hints = None if groups is None else [groups[i] for i in good]
-    batches = plan_call(items, hints, min_shared=cfg.share_min_tokens, max_tokens=cfg.max_batch_tokens,
-                        max_seqs=cfg.max_batch_seqs)
-    needs_gate = engine.model.head.needs_gate
-    for batch_groups in batches:
-        members = [m for g in batch_groups for m in g.members]
-        if all(g.prefix == 0 for g in batch_groups):
-            outputs = engine.run_batch([items[m] for m in members])
-        else:
-            gates = [e.gate for e in items] if needs_gate else None
-            batch = pack_shared([e.ids for e in items], gates, batch_groups, engine.device)
-            # eager: Engine.forward may replay CUDA graphs captured for plain batches only
-            outputs = {k: v.cpu().tolist() for k, v in engine.forward_eager(batch).items()}
-        for row, m in enumerate(members):
-            results[good[m]] = engine._result(outputs, row, len(items[m]))
-    for i, e in enumerate(encoded):
-        if results[i] is None:   # a repeat of an earlier sample: its own copy of that result
-            results[i] = copy.deepcopy(results[first[e]])
-    return results  # type: ignore[return-value]
+@dataclass(frozen=True)
+class Limits:
+    """How one call's samples are planned: the batch budget and whether prompts are shared."""
+    max_tokens: int
+    max_seqs: int | None = None
+    share: bool = True        # share_prefix
+    min_shared: int = 16      # share_min_tokens
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """One batch of a plan. samples: distinct samples in row order; groups: over those rows, in
+    row order (prefix 0 throughout: a plain batch); owners: per row, the caller's keys that get its
+    result (a sample repeated in the call has one row and several owners)."""
+    samples: tuple[Encoded, ...]
+    groups: tuple[Group, ...]
+    owners: tuple[tuple[Hashable, ...], ...]
+
+    @property
+    def shared(self) -> bool:
+        return any(g.prefix for g in self.groups)
+
+    def pack(self, needs_gate: bool) -> PackedBatch:
+        """The packed batch on the host: pack_shared's layout when a group shares, else pack's."""
+        seqs = [e.ids for e in self.samples]
+        gates = [e.gate for e in self.samples] if needs_gate else None
+        return pack_shared(seqs, gates, self.groups) if self.shared else pack(seqs, gates)
+
+
+def plan_samples(items: Sequence[tuple[Hashable, Encoded]], hints: Sequence[Hashable | None] | None,
+                 limits: Limits) -> list[PlannedBatch]:
+    """items: (key, sample) pairs, keys unique (a call's input positions); hints: one group key per
+    item or None (see find_groups; ignored with sharing off). Identical samples run once: the first
+    one's hint groups it, and every key gets the result (a tied pair's margin is then exactly 0,
+    where two rows of one GEMM could differ in the last bit)."""
+    if hints is not None and len(hints) != len(items):
+        raise ValueError(f"groups= needs one key per sample: {len(hints)} keys for {len(items)} samples")
+    row_of: dict[Encoded, int] = {}
+    samples: list[Encoded] = []
+    owners: list[list[Hashable]] = []
+    first_hints: list[Hashable | None] = []
+    for i, (key, e) in enumerate(items):
+        j = row_of.setdefault(e, len(samples))
+        if j == len(samples):
+            samples.append(e)
+            owners.append([])
+            first_hints.append(None if hints is None else hints[i])
+        owners[j].append(key)
+    if not limits.share:
+        first_hints = [None] * len(samples)
+    elif hints is None:
+        first_hints = None
+    out = []
+    for groups in plan_call(samples, first_hints, min_shared=limits.min_shared, max_tokens=limits.max_tokens,
+                            max_seqs=limits.max_seqs):
+        rows = [m for g in groups for m in g.members]
+        local, at = [], 0
+        for g in groups:
+            local.append(Group(tuple(range(at, at + len(g.members))), g.prefix))
+            at += len(g.members)
+        out.append(PlannedBatch(tuple(samples[m] for m in rows), tuple(local), tuple(tuple(owners[m]) for m in rows)))
+    return out
 
 
 def computed_tokens(batches: Sequence[Sequence[Group]], lengths: Sequence[int]) -> int:
@@ -309,5 +338,5 @@ def computed_tokens(batches: Sequence[Sequence[Group]], lengths: Sequence[int]) 
     return sum(g.cost(lengths) for b in batches for g in b)
 
 
-__all__ = ["Group", "find_groups", "fit_budget", "plan", "pack_shared", "score_shared", "plan_call",
-           "computed_tokens", "shared_length", "KEY_BUDGET_FACTOR"]
+__all__ = ["Group", "find_groups", "fit_budget", "plan", "pack_shared", "plan_call", "Limits", "PlannedBatch",
+           "plan_samples", "computed_tokens", "shared_length", "KEY_BUDGET_FACTOR"]

@@ -280,9 +280,9 @@ def test_identical_samples_run_once_and_score_equal(tiny_model, rng, share):
     convs = [random_conversation(rng, max_turns=2, hi=12) for _ in range(6)]
     calls = [convs[0], convs[1], convs[0], convs[2], convs[3], convs[0], convs[4], convs[1], convs[5]]
     keys = ["a", "a", "a", "b", None, "c", "b", "d", None]
-    rows = []   # samples through the backbone (plain and shared batches both end in forward_eager on CPU)
-    forward_eager = engine.forward_eager
-    engine.forward_eager = lambda batch: (rows.append(batch.num_seqs), forward_eager(batch))[1]
+    rows = []   # samples through the model (plain and shared batches both run ModelForward.eager on CPU)
+    eager = engine.model_forward.eager
+    engine.model_forward.eager = lambda batch: (rows.append(batch.last_idx.numel()), eager(batch))[1]
     res = engine.score(calls, groups=keys)
     assert sum(rows) == 6                                   # 6 distinct samples computed
     for a, b in [(0, 2), (0, 5), (1, 7)]:

@@ -121,8 +121,8 @@ def test_score_stream_shares_prompts(tiny_model, rng, family):
     rng.shuffle(convs)
     convs.insert(5, [])
     shared_batches = []
-    forward = engine.forward
-    engine.forward = lambda batch: (shared_batches.append(batch.kv_idx is not None), forward(batch))[1]
+    forward = engine.model_forward.forward
+    engine.model_forward.forward = lambda batch: (shared_batches.append(batch.kv_idx is not None), forward(batch))[1]
     got = dict(engine.score_stream(iter(convs)))
     assert sorted(got) == list(range(len(convs))) and any(shared_batches)
     assert got[5].error == "empty conversation"
