@@ -168,7 +168,8 @@ class Engine:
         if self.device.type == "cuda":   # the batch budget comes from free memory, then graphs are captured
             from .cuda_graphs import prepare_cuda
 
-            budget, memory_tokens, self.model_forward.graphs = prepare_cuda(self)
+            budget, memory_tokens, self.model_forward.graphs = prepare_cuda(
+                self.model_forward, self.spec, self.config, self.attention)
             self.config = replace(self.config, max_batch_tokens=budget,
                                   max_length=length_limit(self.spec, config, memory_tokens)[0])
         self.preprocessor = make_preprocessor(self.spec, tokenizer, config, memory_tokens)

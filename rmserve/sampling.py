@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from . import devices
 from .inputs import Encoded, InputError
 from .results import ScoreResult
 
@@ -62,15 +63,17 @@ def add_samples(engine, encoded: Sequence[Encoded | InputError], results: list[S
         return torch.tensor([getattr(results[i], name) for i in rows], dtype=torch.float32, device=device)
 
     out = list(results)
-    if engine.family == "urm":
-        draws, scores = engine.ops.sample_normal(column("means"), column("sigmas"), column("weights"), keys, samples)
-        draws, scores = draws.cpu().tolist(), scores.cpu().tolist()
-        for j, i in enumerate(rows):
-            out[i] = replace(results[i], samples=draws[j], score_samples=scores[j])
-    elif engine.family == "qrm":
-        scores = engine.ops.sample_quantiles(column("reward_quantiles"), keys, samples).cpu().tolist()
-        for j, i in enumerate(rows):
-            out[i] = replace(results[i], score_samples=scores[j])
-    else:
-        raise ValueError(f"{engine.family} models have no distribution to sample")
+    with devices.on_device(device):   # the Triton kernels launch on the current device
+        if engine.family == "urm":
+            draws, scores = engine.ops.sample_normal(column("means"), column("sigmas"), column("weights"), keys,
+                                                     samples)
+            draws, scores = draws.cpu().tolist(), scores.cpu().tolist()
+            for j, i in enumerate(rows):
+                out[i] = replace(results[i], samples=draws[j], score_samples=scores[j])
+        elif engine.family == "qrm":
+            scores = engine.ops.sample_quantiles(column("reward_quantiles"), keys, samples).cpu().tolist()
+            for j, i in enumerate(rows):
+                out[i] = replace(results[i], score_samples=scores[j])
+        else:
+            raise ValueError(f"{engine.family} models have no distribution to sample")
     return out

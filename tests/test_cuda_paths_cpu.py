@@ -90,3 +90,58 @@ def test_engines_on_one_loaded_model_must_agree_on_kernels(tiny_model):
     with pytest.raises(ValueError, match="already runs attention=reference, kernels=torch"):
         Engine(model, tok, EngineConfig(device="cpu", kernels="triton"))
     assert first.model.backbone.layers[0].mlp.ops.name == "torch"
+
+
+def test_device_steps_run_with_the_engine_device_current(tiny_model, monkeypatch, rng):
+    """cuda:N: Triton launches, CUDA graph capture and replay follow the *current* device, so every
+    step that launches work (the memory plan, captures, replays, the eager forward, the batch
+    pipeline, sampling) runs inside devices.on_device(engine.device). Watched here through that
+    seam: each op call sees the engine's device current, and no other device is ever entered. The
+    engine's device is `cpu:0` here, an object distinct from the default `cpu`, so a step that enters
+    a default or hard-coded device instead of the engine's shows."""
+    import contextlib
+    from dataclasses import fields, replace
+
+    from rmserve import Engine, devices, memory
+    from rmserve.cuda_graphs import prepare_cuda
+
+    from .helpers import random_conversation
+    from .test_cuda_graphs import Recorder
+
+    current, entered, seen = [], [], []
+
+    @contextlib.contextmanager
+    def watched(device):
+        entered.append(device)
+        current.append(device)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(devices, "on_device", watched)
+    engine = Engine.from_pretrained(tiny_model("urm"), dtype="float32", device="cpu", max_batch_tokens=512,
+                                    share_min_tokens=4)
+    engine.device = engine.model_forward.device = torch.device("cpu", 0)
+
+    def check(fn):
+        def run(*args, **kwargs):
+            seen.append(current[-1] if current else None)
+            return fn(*args, **kwargs)
+        return run
+
+    ops = replace(engine.ops, **{f.name: check(getattr(engine.ops, f.name)) for f in fields(engine.ops)
+                                 if f.name != "name"})
+    engine.ops = ops
+    engine.model.backbone.use_kernels(ops)
+    engine.model.head.use_kernels(ops)
+    monkeypatch.setattr(memory, "cuda_memory_plan", check(lambda *a, **k: (512, 4096)))
+    _, _, engine.graphs = prepare_cuda(engine.model_forward, engine.spec, engine.config, "torch_varlen", Recorder())
+    prompt = random_conversation(rng, max_turns=1, hi=10)[:-1]
+    convs = [prompt + [{"role": "assistant", "content": f"answer {i}"}] for i in range(4)]
+    convs += [random_conversation(rng, max_turns=1, hi=10) for _ in range(3)]
+    results = engine.score(convs, samples=3, seed=1)
+    assert all(r.ok and len(r.score_samples) == 3 for r in results)
+    assert all(r.ok for _, r in engine.score_stream(convs))
+    assert sum(engine.graphs.replays.values()) >= 2 and seen and entered
+    assert set(map(str, entered)) == {"cpu:0"} and set(map(str, seen)) == {"cpu:0"}, (set(entered), set(seen))
