@@ -59,7 +59,7 @@ def test_more_keys_than_queries_is_bottom_right(backend):
 def test_bf16_sharing_matches_plain(tiny_model, backend, family, rng):
     need(backend)
     path = tiny_model(family)
-    # Plain batches replay CUDA graphs where the backend allows; shared batches always run eagerly.
+    # Plain and shared batches replay CUDA graphs where the backend allows (the ladder's key side).
     common = dict(device="cuda", attention=backend, max_batch_tokens=600, enforce_eager=backend == "reference")
     plain = Engine.from_pretrained(path, dtype="bfloat16", share_prefix=False, **common)
     shared = Engine.from_pretrained(path, dtype="bfloat16", share_prefix=True, **common)
