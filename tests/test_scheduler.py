@@ -147,3 +147,19 @@ def test_stream_plans_carries_the_last_batch_once(rng):
     assert sorted(i for items, _ in out for i in items) == list(range(20))
     assert [items for items, _ in out] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11], [12, 13, 14],
                                            [15, 16, 17], [18, 19]]
+
+
+def test_score_stream_merges_identical_samples(tiny_model, rng):
+    """score_stream plans each window with score's planner: repeats of a sample within a window run
+    once and come back as equal, separate results (a tied pair's margin is exactly 0)."""
+    engine = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", max_batch_tokens=300,
+                                    lookahead=20)
+    convs = [random_conversation(rng, max_turns=2, hi=12) for _ in range(5)]
+    stream = [convs[0], convs[1], convs[0], convs[2], convs[3], convs[0], convs[4], convs[1]]
+    rows = []
+    eager = engine.model_forward.eager
+    engine.model_forward.eager = lambda batch: (rows.append(batch.last_idx.numel()), eager(batch))[1]
+    got = dict(engine.score_stream(iter(stream)))
+    assert sorted(got) == list(range(len(stream))) and sum(rows) == 5
+    for a, b in [(0, 2), (0, 5), (1, 7)]:
+        assert got[a] == got[b] and got[a].gating is not got[b].gating
