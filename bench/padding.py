@@ -42,6 +42,7 @@ sys.path.insert(0, HERE)
 
 import rmbench  # noqa: E402
 
+from rmserve import shapes  # noqa: E402
 from rmserve.config import spec_from_dict  # noqa: E402
 from rmserve.cuda_graphs import KEY_FACTOR, bucket_for, bucket_ladder, graph_token_limit  # noqa: E402
 from rmserve.inputs import Encoded, Preprocessor  # noqa: E402
@@ -124,7 +125,7 @@ class Row:
 
 
 def ladders(share: bool) -> dict[str, list]:
-    llama8b = spec_from_dict(rmbench.llama_config("8b", "bt"))
+    llama8b = spec_from_dict(shapes.config(shapes.BACKBONES["llama-3.1-8b"], "bt"))
     keys = KEY_FACTOR if share else 0
     return {
         "before": bucket_ladder(BUDGET, MAX_LENGTH, per_octave=1, seq_factor=4),

@@ -114,12 +114,10 @@ def test_choose_bucket(rng):
 def test_graph_token_limit(tiny_model):
     """The launch cost model (cuda_graphs docstring): the 8B's ladder stops at 6,144 tokens, where its
     360 launches (the compute of ~103 tokens) are under 2% of a batch; a tiny model's never does."""
+    from rmserve import shapes
     from rmserve.config import spec_from_dict
 
-    llama8b = spec_from_dict({
-        "architectures": ["LlamaForSequenceClassification"], "model_type": "llama", "hidden_size": 4096,
-        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
-        "rms_norm_eps": 1e-5, "vocab_size": 128256, "max_position_embeddings": 131072, "rope_theta": 500000.0})
+    llama8b = spec_from_dict(shapes.config(shapes.BACKBONES["llama-3.1-8b"], "bt"))
     assert flops_per_token(llama8b) == pytest.approx(13.96e9, rel=1e-3)
     assert launch_tokens(llama8b) == pytest.approx(103.2, abs=0.1)
     assert graph_token_limit(llama8b) == 6144
