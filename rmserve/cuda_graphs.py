@@ -151,10 +151,13 @@ def bucket_ladder(max_tokens: int, max_length: int, max_seqs: int | None = None,
                   min_tokens: int = MIN_TOKENS, min_seqlen: int = MIN_SEQLEN, seq_factor: int = SEQ_FACTOR,
                   per_octave: int = RUNGS_PER_OCTAVE) -> list[Bucket]:
     """Token rungs `token_rungs(min_tokens, max_tokens)`; for each rung T, query bounds L doubling
-    from min_seqlen to min(T, max_length), each with seq_factor * T / L segment slots (capped by T
-    and max_seqs), and with key_factor > 0 a key side of key_factor * T rows, Lk = min(K, max_length)."""
+    from min_seqlen to min(T, max_length), each with seq_factor * T / L segment slots (capped by T,
+    and by max_seqs samples: with a key side each sample may bring its group's prompt segment, so
+    2 * max_seqs), and with key_factor > 0 a key side of key_factor * T rows, Lk = min(K, max_length)."""
     if max_tokens < 1 or max_length < 1:
         raise ValueError("max_tokens and max_length must be positive")
+    if max_seqs is not None and key_factor:
+        max_seqs *= 2
     buckets = set()
     for t in token_rungs(min(min_tokens, max_tokens), max_tokens, per_octave):
         top = min(t, max_length)

@@ -87,6 +87,8 @@ def test_bucket_ladder():
     # the shared-prompt layout: K = 4T key rows, Lk = min(K, max_length)
     keyed = bucket_ladder(2048, 3000, key_factor=4)
     assert all(b.keys == 4 * b.tokens and b.max_seqlen_k == min(b.keys, 3000) for b in keyed)
+    # max_seqs samples of a shared batch are up to 2 * max_seqs segments (a prompt per group)
+    assert max(b.seqs for b in bucket_ladder(2048, 3000, max_seqs=10, key_factor=4)) == 20
     with pytest.raises(ValueError):
         bucket_ladder(0, 8192)
 
