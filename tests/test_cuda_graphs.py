@@ -1,5 +1,7 @@
-"""The CUDA-graph runner's logic on CPU: the bucket ladder, bucket choice, static-buffer filling
-(padding never changes a real result) and replay bookkeeping. The capture mechanism is the one
+"""The CUDA-graph runner's logic on CPU: the bucket ladder and its cost model, bucket choice,
+static-buffer filling for plain and shared-prompt batches (padding never changes a real result),
+replay bookkeeping, the padding bound, and the default configuration's shared batches replaying
+(prepare_cuda with the stand-in capture), and the memory plan. The capture mechanism is the one
 part replaced: `Recorder` re-executes the recorded forward into the same output tensors, as a
 graph replay writes into its static outputs. The real CUDA graphs are tested in tests/gpu/."""
 import pytest
