@@ -27,8 +27,9 @@ the head reads the last_idx/gate_idx rows, and the padding slots' outputs are dr
 FlashAttention backends take max_seqlen and max_seqlen_k as bounds only: the grid covers
 cdiv(L, 128) query blocks per segment, each block reads its segment's real lengths from
 cu_seqlens / cu_seqlens_k (blocks past them exit), the causal mask is aligned bottom-right from
-those real lengths, and the one path whose work max_seqlen_k shapes (split-KV) runs only for
-single-query decoding (`mha_varlen_fwd` in flash-attn and in aten; here L >= 128). What padding
+those real lengths, and the one path whose work max_seqlen_k shapes (split-KV) runs only when
+max_seqlen is 1, single-query decoding (`mha_varlen_fwd` in flash-attn and in aten), which no
+bucket's L is (L >= min(128, T, max_length), T >= 256 or the whole budget). What padding
 does change is the GEMMs' row count: cuBLAS may pick another kernel, so rounding may differ.
 
 The ladder. Token rungs from 256, four per doubling (256, 320, 384, 448, 512, 640, ...), each at
