@@ -296,13 +296,15 @@ def test_shared_batches_replay(tiny_model, family, rng, monkeypatch):
     encoded = list(enumerate(engine.encode(samples)))
     for hints in (keys, None):
         planned = plan_samples(encoded, hints, engine.limits())
-        assert sum(p.shared for p in planned) >= 1
-        # every batch of this data fits the ladder (its shapes are within the ladder's promise), so
-        # every one replays, shared or not
-        assert all(bucket_for(runner.buckets, p.pack(runner.needs_gate)) is not None for p in planned)
-        replayed = recorder.replayed
+        packed = [p.pack(runner.needs_gate) for p in planned]
+        fits = [bucket_for(runner.buckets, b) is not None for b in packed]
+        # Shared or not, every batch replays unless it gathers more than 4x its tokens in keys (one
+        # prompt with many short answers: sharing saved it over 3x; ~0.3% of this data's batches)
+        assert all(f or b.kv_idx.numel() > 4 * b.num_tokens for f, b in zip(fits, packed))
+        assert sum(f for f, p in zip(fits, planned) if p.shared) >= 1
+        replayed, eager_batches = recorder.replayed, runner.eager
         got = engine.score(samples, groups=hints)
-        assert recorder.replayed - replayed == len(planned) and runner.eager == 0
+        assert recorder.replayed - replayed == sum(fits) and runner.eager - eager_batches == fits.count(False)
         assert_results_close(got, want, f"{family} graphs vs plain")
         if hints is keys:
             assert_results_close(got, eager, f"{family} graphs vs eager")

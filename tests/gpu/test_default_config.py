@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from rmserve import Engine
+from rmserve.cuda_graphs import bucket_for
+from rmserve.prefix import plan_samples
 
 from ..helpers import FAMILIES, random_conversation, random_text
 from ..test_prefix import make_samples
@@ -94,11 +96,16 @@ def test_shared_prompts_replay_graphs(tiny_model, family, rng):
     samples, keys = make_samples(engine, rng)
     ref = reference(path).score(samples)
     plain = plain_path(path, "bfloat16", max_batch_tokens=600).score(samples)
+    encoded = list(enumerate(engine.encode(samples)))
     for hints in (keys, None):
+        # every batch replays but one gathering over 4x its tokens in keys (tests/test_cuda_graphs.py)
+        packed = [p.pack(runner.needs_gate) for p in plan_samples(encoded, hints, engine.limits())]
+        fits = [bucket_for(runner.buckets, b) is not None for b in packed]
+        assert all(f or b.kv_idx.numel() > 4 * b.num_tokens for f, b in zip(fits, packed))
         poison(runner)
-        replays = sum(runner.replays.values())
+        replays, eager = sum(runner.replays.values()), runner.eager
         got = engine.score(samples, groups=hints)
-        assert runner.eager == 0 and sum(runner.replays.values()) > replays
+        assert sum(runner.replays.values()) - replays == sum(fits) > 0 and runner.eager - eager == fits.count(False)
         assert_rule(got, plain, ref, torch.bfloat16, f"{family} groups={'keys' if hints else 'auto'}")
 
 
