@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from .eval.cli import add_parser as add_eval_parser
-from .flags import HelpFormatter, add_engine_flags, add_kernel_flags, add_quantization_flags
+from .flags import HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_quantization_flags
 from .server.main import add_parser as add_serve_parser
 
 
@@ -63,7 +63,7 @@ def _add_score(sub) -> None:
                        description="Score every row of a file; rerun the same command to resume.",
                        formatter_class=HelpFormatter)
     s.add_argument("input", help=".jsonl, .jsonl.gz, .parquet, a datasets directory, or hf:<name>[:<split>]")
-    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<preset> (see README)")
+    add_model_flag(s)
     s.add_argument("--output", required=True,
                    help="the output file: .parquet, or .jsonl/.json/.ndjson (or any name with --format), in an "
                         "existing directory; parts go to OUTPUT.parts/ meanwhile")

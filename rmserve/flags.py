@@ -29,6 +29,11 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def add_model_flag(parser) -> None:
+    """--model, the same for every subcommand that loads one."""
+    parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<preset> (see README)")
+
+
 def add_engine_flags(group, bos_note: str | None = None) -> None:
     """The engine settings every subcommand that loads a model takes (EngineConfig fields).
     bos_note: what the subcommand adds to --bos's help."""

@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from ..flags import HelpFormatter, add_engine_flags, add_kernel_flags
+    from ..flags import HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag
 
     e = sub.add_parser("eval", help="run a reward-model benchmark (RewardBench, RewardBench 2)",
                        description="Score a benchmark as one resumable offline job and print its official scores.")
@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
                                formatter_class=HelpFormatter)
         b.add_argument("input", nargs="?", default=None,
                        help=f".jsonl, .parquet, a datasets directory or hf:<name>[:<split>] (default: {hub})")
-        b.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<family>")
+        add_model_flag(b)
         b.add_argument("--output", required=True,
                        help="per-row scores: .parquet, or .jsonl (or any name with --format), in an existing "
                             "directory; OUTPUT.results.json beside it")

@@ -18,12 +18,12 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")   # uvic
 
 
 def add_parser(sub) -> None:
-    from ..flags import HelpFormatter, add_engine_flags, add_quantization_flags
+    from ..flags import HelpFormatter, add_engine_flags, add_model_flag, add_quantization_flags
 
     s = sub.add_parser("serve", help="serve a reward model over HTTP", formatter_class=HelpFormatter,
                        description="Serve a reward model over HTTP: POST /v1/score, POST /get_reward (OpenRLHF), "
                                    "GET /health, /v1/models, /metrics; OpenAPI at /docs.")
-    s.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<preset> (see README)")
+    add_model_flag(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--served-model-name", default=None, help="name in /v1/models (default: --model)")
