@@ -45,3 +45,24 @@ def test_qk_norm_weights_are_checked():
         rope.qk_norm_rope(q, k, pos, inv, torch.ones(8), torch.ones(7), 1e-6)
     with pytest.raises(ValueError, match="norm weights"):
         rope.qk_norm_rope(q, k, pos, inv, torch.ones(8, dtype=torch.bfloat16), torch.ones(8), 1e-6)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's fp16 arithmetic is real; exact cast points on CPU")
+def test_qk_norm_cast_points(g):
+    """The q/k norm's cast points exactly (Qwen3RMSNorm: fp32 statistics, cast back to the dtype, times
+    the weight), in fp16 under the interpreter. At position 0 RoPE is the identity (cos 1, sin 0), so
+    the kernel's output is the normalised row itself; the 2x rule of test_qk_norm_rope passes a kernel
+    that skips the cast back before the weight (it is closer to fp32), this check does not."""
+    from rmserve.kernels import rope
+    from rmserve.config import RopeSpec
+    from rmserve.model.rope import inv_freq
+
+    T, n_q, n_kv, D = 5, 8, 2, 128
+    qkv = kc.randn(g, T, (n_q + 2 * n_kv) * D, dtype=torch.float16, scale=4.0)
+    qw, kw = ((1 + kc.randn(g, D, scale=0.3)).to(torch.float16) for _ in range(2))
+    q, k, _ = qkv.clone().split([n_q * D, n_kv * D, n_kv * D], dim=-1)
+    q, k = q.view(T, n_q, D), k.view(T, n_kv, D)
+    x_q, x_k = q.clone(), k.clone()
+    rope.qk_norm_rope(q, k, torch.zeros(T, dtype=torch.long), inv_freq(RopeSpec(theta=1000000.0), D), qw, kw, 1e-6)
+    kc.check_rms_norm_cast_points(q, x_q, qw, 1e-6)
+    kc.check_rms_norm_cast_points(k, x_k, kw, 1e-6)
