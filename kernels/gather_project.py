@@ -4,6 +4,12 @@ out[b, n] = sum_k x_s[b, k] * W[n, k] + bias[n],  x_s[b] = hidden[index_s[b]]
 where output row n belongs to index set s: rows [0, rows[0]) read index 0 (the last tokens),
 rows [rows[0], rows[0] + rows[1]) read index 1 (the gating tokens of ArmoRM/QRM).
 
+An index is any list of row numbers, so the same launch gathers every step token of every
+sequence of a process reward model (index 0 = the batch's step positions, B = its step count,
+a variable number per sequence laid end to end): nothing in the kernel knows which sequence a
+row came from, and B is the index's length, fixed when the host packs the batch (a CUDA-graph
+bucket's static step slots; padding slots name row 0 and their output rows are dropped).
+
 The hidden rows are read straight from the packed hidden-state tensor: no gathered copy goes
 through memory. Cast points follow `torch.nn.functional.linear(hidden[idx].to(W.dtype), W, bias)`:
 the hidden values are cast to W's dtype first (so URM's fp16 weights MLP sees fp16 inputs, QRM's
@@ -77,7 +83,7 @@ def _gather_project_kernel(h_ptr, idx0_ptr, idx1_ptr, w_ptr, b_ptr, out_ptr, B, 
 def gather_project(hidden: torch.Tensor, indices: Sequence[torch.Tensor], weight: torch.Tensor,
                    bias: torch.Tensor | None, rows: Sequence[int]) -> torch.Tensor:
     """hidden [T, H] (any float dtype, last dim contiguous); indices: one or two int [B] tensors of
-    row numbers into hidden (last tokens, then gating tokens), on hidden's device;
+    row numbers into hidden (last tokens, then gating tokens; or a PRM's step tokens), on hidden's device;
     weight [N, H] contiguous (bf16/fp16/fp32), N = sum(rows); bias [N] or None; rows: output rows per
     index set (Python ints from the model's shapes). Returns [B, N] fp32. One launch, no host sync.
     Indices are not bounds-checked on the device (that would need a sync); they come from the packer."""

@@ -12,6 +12,7 @@ Family detection follows ../shared/spec/reward-models.md and more-models.md:
 | urm      | LlamaForSequenceClassificationWithNormal_Weights       | llama    |                            |
 | grm      | LlamaForCausalLM                                       | llama    | `vhead_layer_type` present |
 | qwen2_rm | Qwen2ForRewardModel (Qwen2.5-Math-RM)                  | qwen2    |                            |
+| qwen2_prm| Qwen2ForProcessRewardModel (Qwen2.5-Math-PRM)          | qwen2    |                            |
 
 The backbones differ only in what BACKBONES lists (the defaults of transformers' LlamaConfig /
 Qwen2Config / Qwen3Config for absent keys, and q/k/v bias or per-head q/k RMSNorm); one decoder
@@ -23,7 +24,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-FAMILIES = ("bt", "armorm", "qrm", "urm", "grm", "qwen2_rm")
+FAMILIES = ("bt", "armorm", "qrm", "urm", "grm", "qwen2_rm", "qwen2_prm")
 
 ARMO_OBJECTIVES = (
     "helpsteer-helpfulness", "helpsteer-correctness", "helpsteer-coherence",
@@ -76,7 +77,14 @@ ARCHITECTURES = {
     "LlamaForSequenceClassificationWithNormal_Weights": ("urm", "llama"),
     "LlamaForCausalLM": ("grm", "llama"),
     "Qwen2ForRewardModel": ("qwen2_rm", "qwen2"),
+    "Qwen2ForProcessRewardModel": ("qwen2_prm", "qwen2"),
 }
+
+# Qwen2.5-Math-PRM's step token, from its model card (huggingface.co/Qwen/Qwen2.5-Math-PRM-7B, README at
+# 0610740): the answer is `"<extra_0>".join(steps) + "<extra_0>"` and `step_sep_id =
+# tokenizer.encode("<extra_0>")[0]`. Its id is looked up in the checkpoint's own tokenizer (steps.step_format),
+# never assumed (151651 there; vLLM hard-codes that id as the STEP pooler's step_tag_id).
+PRM_STEP_TOKEN = "<extra_0>"
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class HeadSpec:
     vhead_num_layers: int = 0            # hidden Linear+ReLU layers
     vhead_num_neurons: int = 0           # their width
     vhead_outputs: int = 1               # outputs of the last Linear (a process reward model has 2)
+    step_token: str = ""                 # process reward models: the token marking each step ("": none)
     names: tuple[str, ...] = ()          # objective / attribute names, in output order
 
 
@@ -261,6 +270,12 @@ def _head(family: str, cfg: dict, hidden: int) -> HeadSpec:
         # score = Linear(hidden, hidden, bias) -> ReLU -> Linear(hidden, 1, bias) (see heads/value.py).
         return HeadSpec(vhead_prefix="score", vhead_layer_type="mlp", vhead_num_layers=1,
                         vhead_num_neurons=hidden, vhead_outputs=1)
+    if family == "qwen2_prm":
+        # The same MLP with 2 outputs, read at every step token (heads/value.py): Qwen2.5-Math-PRM's remote code
+        # and vLLM's port (vllm/model_executor/models/qwen2_rm.py, Qwen2ForProcessRewardModel, commit
+        # 002b4cf80b730f384dbc7d5f85db8a10b14af56a) hard-code num_labels = 2, whatever config.json says.
+        return HeadSpec(vhead_prefix="score", vhead_layer_type="mlp", vhead_num_layers=1,
+                        vhead_num_neurons=hidden, vhead_outputs=2, step_token=PRM_STEP_TOKEN)
     raise AssertionError(family)
 
 

@@ -18,12 +18,25 @@ shared-prompt layout, one layout for plain and shared batches alike:
     cu_seqlens_k [S + 1]  the batch's key offsets, then empty key ranges
     max_seqlen_k Lk       min(K, max_length), fixed at capture: no segment has more keys
 
+A process reward model's buckets also carry static step slots, the rows its head reads:
+
+    step_idx     [P]      P = T // STEP_SPACING: the batch's step-token rows (sample after sample,
+                          as packed), then padding slots that name row 0
+
+A batch with more step tokens than its rung's slots (steps under STEP_SPACING computed tokens
+apart on average) takes a larger rung or, past the ladder, runs eagerly, as a batch over the key
+side does. The head reads P rows whatever the batch holds: for Qwen2.5-Math-PRM-7B a slot costs the
+score MLP's first layer (3584 x 3584, 25.7 MFLOP), so T/4 slots are 6.4 MFLOP a token row against the
+backbone's ~13 GFLOP: 0.05% (a few times that through the gather-projection kernel's small tiles).
+
 Padding cannot change a real result. Real segment i reads queries cu_seqlens[i]..[i+1] and keys
 kv_idx[cu_seqlens_k[i]..[i+1]] (rows cu_seqlens[i]..[i+1] without a key side): the batch's own
 ranges, copied unchanged, indexing only the batch's own rows. Padding segments are empty (no
 queries, no keys); padding token rows and padding kv_idx entries lie past every real range, so
 no real query reads them; every other op (embedding, norms, RoPE, projections, MLP) is row-wise;
-the head reads the last_idx/gate_idx rows, and the padding slots' outputs are dropped. Both
+the head reads the last_idx/gate_idx (step_idx) rows, row by row, and the padding slots' outputs
+are dropped (the runner returns the batch's rows and steps only; results.py splits the steps by the
+step counts the host packed). Both
 FlashAttention backends take max_seqlen and max_seqlen_k as bounds only: the grid covers
 cdiv(L, 128) query blocks per segment, each block reads its segment's real lengths from
 cu_seqlens / cu_seqlens_k (blocks past them exit), the causal mask is aligned bottom-right from
@@ -79,6 +92,7 @@ CAPTURABLE_ATTENTION = ("flash_attn", "torch_varlen")
 Outputs = dict[str, torch.Tensor]
 
 KEY_FACTOR = KEY_BUDGET_FACTOR   # key rows per token row of a bucket: the planner's own bound
+STEP_SPACING = 4                 # token rows per static step slot (process reward models): P = T // 4
 MIN_TOKENS = 256                 # lowest token rung
 MIN_SEQLEN = 128                 # shortest query bound L (one FlashAttention query block)
 SEQ_FACTOR = 16                  # S = SEQ_FACTOR * T / L segment slots
@@ -99,6 +113,7 @@ class Bucket:
     seqs: int               # S: static segment slots (and pooling rows)
     keys: int = 0           # K: static key rows (kv_idx); 0: no key side (plain batches only)
     max_seqlen_k: int = 0   # Lk: longest key range the attention launch covers
+    steps: int = 0          # P: static step slots (step_idx); 0: the head reads no steps
 
 
 def flops_per_token(spec) -> float:
@@ -149,12 +164,13 @@ def _doubling(lo: int, hi: int) -> list[int]:
 
 
 def bucket_ladder(max_tokens: int, max_length: int, max_seqs: int | None = None, *, key_factor: int = 0,
-                  min_tokens: int = MIN_TOKENS, min_seqlen: int = MIN_SEQLEN, seq_factor: int = SEQ_FACTOR,
-                  per_octave: int = RUNGS_PER_OCTAVE) -> list[Bucket]:
+                  step_spacing: int = 0, min_tokens: int = MIN_TOKENS, min_seqlen: int = MIN_SEQLEN,
+                  seq_factor: int = SEQ_FACTOR, per_octave: int = RUNGS_PER_OCTAVE) -> list[Bucket]:
     """Token rungs `token_rungs(min_tokens, max_tokens)`; for each rung T, query bounds L doubling
     from min_seqlen to min(T, max_length), each with seq_factor * T / L segment slots (capped by T,
     and by max_seqs samples: with a key side each sample may bring its group's prompt segment, so
-    2 * max_seqs), and with key_factor > 0 a key side of key_factor * T rows, Lk = min(K, max_length)."""
+    2 * max_seqs), with key_factor > 0 a key side of key_factor * T rows, Lk = min(K, max_length),
+    and with step_spacing > 0 (process reward models) max(1, T // step_spacing) step slots."""
     if max_tokens < 1 or max_length < 1:
         raise ValueError("max_tokens and max_length must be positive")
     if max_seqs is not None and key_factor:
@@ -163,22 +179,24 @@ def bucket_ladder(max_tokens: int, max_length: int, max_seqs: int | None = None,
     for t in token_rungs(min(min_tokens, max_tokens), max_tokens, per_octave):
         top = min(t, max_length)
         keys = key_factor * t
+        steps = max(1, t // step_spacing) if step_spacing else 0
         for length in _doubling(min(min_seqlen, top), top):
             seqs = min(t, max(1, seq_factor * t // length))
             if max_seqs is not None:
                 seqs = min(seqs, max_seqs)
-            buckets.add(Bucket(t, length, seqs, keys, min(keys, max_length)))
+            buckets.add(Bucket(t, length, seqs, keys, min(keys, max_length), steps))
     return sorted(buckets)
 
 
 def choose_bucket(buckets: Sequence[Bucket], num_tokens: int, num_seqs: int, max_seqlen: int,
-                  keys: int | None = None, max_seqlen_k: int | None = None) -> Bucket | None:
+                  keys: int | None = None, max_seqlen_k: int | None = None, steps: int = 0) -> Bucket | None:
     """The smallest bucket (fewest tokens, then shortest L) that holds the batch, or None.
 
     keys, max_seqlen_k: a shared-prefix batch's key rows and longest key range; None for a plain
-    batch (its keys are its own tokens, which every bucket's key side holds)."""
+    batch (its keys are its own tokens, which every bucket's key side holds). steps: the batch's
+    step tokens (process reward models)."""
     for b in sorted(buckets):
-        if b.tokens < num_tokens or b.seqs < num_seqs or b.max_seqlen < max_seqlen:
+        if b.tokens < num_tokens or b.seqs < num_seqs or b.max_seqlen < max_seqlen or b.steps < steps:
             continue
         if keys is not None and (b.keys < keys or b.max_seqlen_k < max_seqlen_k):
             continue
@@ -188,10 +206,11 @@ def choose_bucket(buckets: Sequence[Bucket], num_tokens: int, num_seqs: int, max
 
 def bucket_for(buckets: Sequence[Bucket], batch: PackedBatch) -> Bucket | None:
     """choose_bucket for a packed batch, plain or shared."""
+    steps = 0 if batch.step_idx is None else batch.step_idx.numel()
     if batch.kv_idx is None:
-        return choose_bucket(buckets, batch.num_tokens, batch.num_seqs, batch.max_seqlen)
+        return choose_bucket(buckets, batch.num_tokens, batch.num_seqs, batch.max_seqlen, steps=steps)
     return choose_bucket(buckets, batch.num_tokens, batch.num_seqs, batch.max_seqlen, batch.kv_idx.numel(),
-                         batch.max_seqlen_k)
+                         batch.max_seqlen_k, steps)
 
 
 class Capture(Protocol):
@@ -235,7 +254,8 @@ class CudaGraphCapture:
 class StaticInputs:
     """The input buffers every bucket reads a prefix of."""
 
-    def __init__(self, max_tokens: int, max_seqs: int, needs_gate: bool, device: torch.device, max_keys: int = 0):
+    def __init__(self, max_tokens: int, max_seqs: int, needs_gate: bool, device: torch.device, max_keys: int = 0,
+                 max_steps: int = 0):
         i64 = dict(dtype=torch.int64, device=device)
         self.tokens = torch.zeros(max_tokens, **i64)
         self.positions = torch.zeros(max_tokens, **i64)
@@ -245,6 +265,7 @@ class StaticInputs:
         self.kv_idx = torch.zeros(max_keys, **i64) if max_keys else None
         self.cu_seqlens_k = torch.zeros(max_seqs + 1, dtype=torch.int32, device=device) if max_keys else None
         self.identity = torch.arange(max_tokens, **i64) if max_keys else None   # a plain batch's kv_idx
+        self.step_idx = torch.zeros(max_steps, **i64) if max_steps else None
 
     def view(self, b: Bucket) -> PackedBatch:
         """The bucket's static batch: what its graph was captured on."""
@@ -253,6 +274,7 @@ class StaticInputs:
                            cu_seqlens=self.cu_seqlens[:b.seqs + 1], max_seqlen=b.max_seqlen,
                            last_idx=self.last_idx[:b.seqs],
                            gate_idx=None if self.gate_idx is None else self.gate_idx[:b.seqs],
+                           step_idx=self.step_idx[:b.steps] if b.steps else None,
                            kv_idx=self.kv_idx[:b.keys] if keyed else None,
                            cu_seqlens_k=self.cu_seqlens_k[:b.seqs + 1] if keyed else None,
                            max_seqlen_k=b.max_seqlen_k if keyed else None)
@@ -271,6 +293,10 @@ class StaticInputs:
         if self.gate_idx is not None:
             self.gate_idx[:rows].copy_(batch.gate_idx)
             self.gate_idx[rows:b.seqs].zero_()
+        if b.steps:
+            p = batch.step_idx.numel()
+            self.step_idx[:p].copy_(batch.step_idx)
+            self.step_idx[p:b.steps].zero_()
         if b.keys == 0:
             if batch.kv_idx is not None:
                 raise ValueError("a shared-prefix batch needs a bucket with a key side")
@@ -291,23 +317,27 @@ class GraphRunner:
     """forward(batch) through the captured graph of the smallest bucket that fits, else eagerly.
 
     forward: the eager packed forward (PackedBatch -> dict of [rows, ...] tensors, e.g.
-    ModelForward.eager). Outputs are copies sliced to the batch's rows, safe to keep across calls.
-    One call at a time: every bucket shares the static input buffers. Captures and replays run on
-    `device` made current (rmserve/devices.py)."""
+    ModelForward.eager). Outputs are copies sliced to the batch's rows (`step_outputs`, a process
+    reward model's: to its steps), safe to keep across calls. One call at a time: every bucket
+    shares the static input buffers. Captures and replays run on `device` made current
+    (rmserve/devices.py)."""
 
     def __init__(self, forward: Callable[[PackedBatch], Outputs], buckets: Sequence[Bucket],
-                 needs_gate: bool, device: torch.device, capture: Capture):
+                 needs_gate: bool, device: torch.device, capture: Capture, step_outputs: tuple[str, ...] = ()):
         if not buckets:
             raise ValueError("GraphRunner needs at least one bucket")
         if len({b.keys > 0 for b in buckets}) > 1:
             raise ValueError("all buckets of a runner have one layout: every one with a key side, or none")
+        if any((b.steps > 0) != bool(step_outputs) for b in buckets):
+            raise ValueError("a head that reads steps needs step slots in every bucket, and only such a head")
         self.forward = forward
         self.buckets = sorted(buckets)
         self.needs_gate = needs_gate
+        self.step_outputs = step_outputs
         self.device = device
         self.capture = capture
         self.inputs = StaticInputs(max(b.tokens for b in buckets), max(b.seqs for b in buckets), needs_gate,
-                                   device, max(b.keys for b in buckets))
+                                   device, max(b.keys for b in buckets), max(b.steps for b in buckets))
         self.graphs: dict[Bucket, tuple[Any, Outputs]] = {}
         self.replays: Counter[Bucket] = Counter()
         self.eager = 0
@@ -326,7 +356,8 @@ class GraphRunner:
         dummy = PackedBatch(tokens=torch.zeros(n, dtype=torch.int64, device=dev),
                             positions=torch.arange(n, device=dev), cu_seqlens=cu, max_seqlen=n,
                             last_idx=torch.tensor([n - 1], device=dev),
-                            gate_idx=torch.zeros(1, dtype=torch.int64, device=dev) if self.needs_gate else None)
+                            gate_idx=torch.zeros(1, dtype=torch.int64, device=dev) if self.needs_gate else None,
+                            step_idx=torch.tensor([n - 1], device=dev) if self.step_outputs else None)
         self.inputs.fill(b, dummy)
 
     def bucket_for(self, batch: PackedBatch) -> Bucket | None:
@@ -340,13 +371,16 @@ class GraphRunner:
             return self.forward(batch)
         if self.needs_gate and batch.gate_idx is None:
             raise ValueError("this head needs gating positions; the batch has none")
+        if self.step_outputs and batch.step_idx is None:
+            raise ValueError("this head needs step positions; the batch has none")
         with devices.on_device(self.device):
             self.inputs.fill(b, batch)
             handle, outputs = self.graphs[b]
             self.capture.replay(handle)
             self.replays[b] += 1
             rows = batch.last_idx.numel()
-            return {k: v[:rows].clone() for k, v in outputs.items()}
+            steps = 0 if batch.step_idx is None else batch.step_idx.numel()
+            return {k: v[:steps if k in self.step_outputs else rows].clone() for k, v in outputs.items()}
 
 
 def prepare_cuda(forward, spec, config, attention: str,
@@ -366,12 +400,14 @@ def prepare_cuda(forward, spec, config, attention: str,
     with devices.on_device(forward.device):
         budget, longest = memory.cuda_memory_plan(
             forward.eager, forward.needs_gate, forward.device, config.max_batch_tokens,
-            config.gpu_memory_utilization, graph_tokens=graph_tokens, key_factor=key_factor)
+            config.gpu_memory_utilization, graph_tokens=graph_tokens, key_factor=key_factor,
+            needs_steps=forward.needs_steps)
         if not use_graphs:
             return budget, longest, None
         buckets = bucket_ladder(min(graph_tokens, budget), config.max_length, config.max_batch_seqs,
-                                key_factor=key_factor)
+                                key_factor=key_factor, step_spacing=STEP_SPACING if forward.needs_steps else 0)
         runner = GraphRunner(forward.eager, buckets, forward.needs_gate, forward.device,
-                             capture if capture is not None else CudaGraphCapture(forward.device))
+                             capture if capture is not None else CudaGraphCapture(forward.device),
+                             forward.step_outputs)
         torch.cuda.empty_cache()   # the warm-ups' memory; the graphs keep theirs in their pool
     return budget, longest, runner

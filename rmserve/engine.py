@@ -16,8 +16,9 @@ from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
 from .packing import PackedBatch, pack
 from .prefix import Limits
-from .results import ScoreResult
+from .results import ResultMaker, ScoreResult
 from .sampling import add_samples, check_sampling
+from .steps import DEFAULT_AGGREGATION, check_rule, check_separator, step_format
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -54,6 +55,10 @@ class EngineConfig:
     kernels: str = "auto"                # auto: Triton kernels on CUDA, PyTorch refs elsewhere; triton | torch
     quantization: str | None = None      # "fp8": e4m3 linears in the backbone, bf16 elsewhere (model/fp8.py)
     quant_kernels: str = "auto"          # fp8's quantizing ops: auto (csrc on CUDA if built) | csrc | torch
+    # process reward models (rmserve/steps.py): the rule making `score` from the step rewards, and the
+    # separator that splits a text answer into steps (None: an answer is a list of steps, or already joined)
+    step_aggregation: str = DEFAULT_AGGREGATION
+    step_separator: str | None = None
 
     def __post_init__(self):
         """Every choice and range checked here, before a model loads or a Ray job starts its actors
@@ -78,6 +83,8 @@ class EngineConfig:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         parse_template_date(self.template_date)
+        check_rule(self.step_aggregation)
+        check_separator(self.step_separator)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.quantization is None and self.quant_kernels != "auto":
@@ -108,15 +115,26 @@ def length_limit(spec: ModelSpec, config: EngineConfig, memory_tokens: int | Non
     return limit, f"the model's maximum of {limit}"
 
 
+def check_step_settings(spec: ModelSpec, config: EngineConfig) -> None:
+    """A step setting given for a model that scores no steps is a mistake, not something to ignore."""
+    if not spec.head.step_token and (config.step_separator is not None
+                                     or config.step_aggregation != DEFAULT_AGGREGATION):
+        raise ValueError(f"step_aggregation and step_separator apply to process reward models only; this is a "
+                         f"{spec.family} model")
+
+
 def make_preprocessor(spec: ModelSpec, tokenizer, config: EngineConfig,
                       memory_tokens: int | None = None) -> Preprocessor:
-    """The input side of an engine: its tokenizer, BOS policy, length cap and gating need."""
+    """The input side of an engine: its tokenizer, BOS policy, length cap, gating need and (a process
+    reward model) step token and separator."""
     from .heads import HEADS
 
+    check_step_settings(spec, config)
+    steps = step_format(tokenizer, spec.head.step_token, config.step_separator) if spec.head.step_token else None
     max_length, what = length_limit(spec, config, memory_tokens)
     return Preprocessor(tokenizer, bos=config.bos, max_length=max_length, length_limit=what,
                         needs_gate=HEADS[spec.family].needs_gate, chat_template=config.chat_template,
-                        vocab_size=spec.vocab_size, template_date=config.template_date)
+                        vocab_size=spec.vocab_size, template_date=config.template_date, steps=steps)
 
 
 class Engine:
@@ -134,6 +152,7 @@ class Engine:
         self.dtype = model.backbone.embed_tokens.weight.dtype
         self.config = replace(config, device=str(self.device), dtype=str(self.dtype).replace("torch.", ""),
                               max_length=length_limit(self.spec, config)[0])
+        check_step_settings(self.spec, config)
         if model.quantization != config.quantization:
             raise ValueError(f"the loaded model has quantization={model.quantization!r} but the engine asks for "
                              f"{config.quantization!r}; load it with load_model(..., quantization="
@@ -173,6 +192,8 @@ class Engine:
             self.config = replace(self.config, max_batch_tokens=budget,
                                   max_length=length_limit(self.spec, config, memory_tokens)[0])
         self.preprocessor = make_preprocessor(self.spec, tokenizer, config, memory_tokens)
+        self.results = ResultMaker(self.spec.head.names, self.model_forward.step_outputs,
+                                   config.step_aggregation if self.spec.head.step_token else None)
 
     @classmethod
     def from_pretrained(cls, model: str, **settings: Any) -> "Engine":
@@ -221,7 +242,12 @@ class Engine:
         samples with one key run their common prompt once; with no groups given, samples that
         start with the same tokens are found and grouped automatically.
         samples, seed: URM and QRM only: K draws per sample into `samples` / `score_samples`; the same
-        seed gives the same draws for a sample whatever else is in the call (rmserve/sampling.py)."""
+        seed gives the same draws for a sample whatever else is in the call (rmserve/sampling.py).
+
+        A process reward model (qwen2_prm) takes the answer as steps: the assistant message's content
+        a list of step strings (or a text split on step_separator, or already joined with the step
+        token); each result has `step_rewards` (one per step) and `score`, their `step_aggregation`
+        (rmserve/steps.py)."""
         check_sampling(self.family, samples, seed)
         encoded = self.encode(conversations)
         results = self.score_encoded(encoded, groups)
@@ -234,7 +260,7 @@ class Engine:
         stands alone, and the planner then gives exactly packing.plan_batches' batches
         (tests/test_prefix.py). The batching loop is rmserve/pipeline.py's, shared with score_stream."""
         encoded = [self._fits(e) for e in encoded]
-        return pipeline.score_encoded(self.model_forward, encoded, groups, self.limits())
+        return pipeline.score_encoded(self.model_forward, encoded, groups, self.limits(), self.results)
 
     def _fits(self, e: Encoded | InputError) -> Encoded | InputError:
         """Samples encoded elsewhere (a Ray job's tokenizer stage, another engine) are held to this
@@ -265,11 +291,12 @@ class Engine:
         """
         cfg = self.config
         return pipeline.score_stream(self.model_forward, self.preprocessor, conversations, self.limits(),
-                                     cfg.lookahead, cfg.tokenizer_threads)
+                                     self.results, cfg.lookahead, cfg.tokenizer_threads)
 
     def make_batch(self, items: Sequence[Encoded]) -> PackedBatch:
         gates = [e.gate for e in items] if self.model.head.needs_gate else None
-        return pack([e.ids for e in items], gates, device=self.device)
+        steps = [e.steps for e in items] if self.model_forward.needs_steps else None
+        return pack([e.ids for e in items], gates, device=self.device, steps=steps)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         """One packed batch on the engine's device -> the head's outputs (fp32, on the device): a CUDA

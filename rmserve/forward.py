@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 
 class ModelForward:
     """forward(batch) -> dict of fp32 tensors [rows, ...] on the device, one row per entry of
-    batch.last_idx (a shared-prefix batch's prompt segments have none).
+    batch.last_idx (a shared-prefix batch's prompt segments have none), or for the head's
+    `step_outputs` (a process reward model's) one row per entry of batch.step_idx.
 
     graphs: the CUDA graph runner (set by cuda_graphs.prepare_cuda), or None: always eager.
     Both paths run with the device current (rmserve/devices.py)."""
@@ -31,6 +32,8 @@ class ModelForward:
         self.head = model.head
         self.device = device
         self.needs_gate: bool = model.head.needs_gate
+        self.step_outputs: tuple[str, ...] = model.head.step_outputs
+        self.needs_steps: bool = bool(self.step_outputs)
         self.names: tuple[str, ...] = model.spec.head.names
         self.graphs: GraphRunner | None = None
 
@@ -38,7 +41,7 @@ class ModelForward:
     def eager(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         with devices.on_device(self.device):   # Triton launches on the current device
             hidden = self.backbone(batch)
-            return self.head.packed(hidden, batch.last_idx, batch.gate_idx)
+            return self.head.packed(hidden, batch.last_idx, batch.gate_idx, batch.step_idx)
 
     @torch.inference_mode()
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:

@@ -8,7 +8,7 @@ BOS policies (`bos=`), for a rendered template text:
 A tokenizer without a BOS token (Qwen's) gets none under every policy: "one" means "none" there,
 never an invented token.
 
-Templates that read the clock: see TEMPLATE_DATE.
+Templates that read the clock: see TEMPLATE_DATE. Process reward models' steps: see rmserve/steps.py.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ import datetime
 import re
 from dataclasses import dataclass
 from typing import Any, Sequence
+
+from .steps import StepError, StepFormat
 
 BOS_POLICIES = ("one", "template", "tokenizer")
 ROLES = ("system", "user", "assistant")
@@ -73,14 +75,17 @@ class InputError(ValueError):
 @dataclass(frozen=True)
 class Encoded:
     ids: tuple[int, ...]
-    gate: int | None = None   # gating position within the sequence (ArmoRM/QRM)
+    gate: int | None = None           # gating position within the sequence (ArmoRM/QRM)
+    steps: tuple[int, ...] = ()       # step-token positions within the sequence (process reward models)
 
     def __len__(self) -> int:
         return len(self.ids)
 
 
-def check_conversation(messages: Any) -> list[dict]:
-    """Validate an OpenAI-style message list; returns it as plain dicts."""
+def check_conversation(messages: Any, steps: bool = False) -> list[dict]:
+    """Validate an OpenAI-style message list; returns it as plain dicts. steps: a process reward
+    model's conversation, whose last (assistant) message may hold a list of steps (rmserve/steps.py
+    checks them)."""
     if not isinstance(messages, (list, tuple)):
         raise InputError(f"a conversation must be a list of messages, got {type(messages).__name__}")
     if not messages:
@@ -92,14 +97,26 @@ def check_conversation(messages: Any) -> list[dict]:
         role, content = m.get("role"), m.get("content")
         if role not in ROLES:
             raise InputError(f"message {i} has role {role!r}; expected one of {ROLES}")
+        if isinstance(content, (list, tuple)) and i == len(messages) - 1 and role == "assistant":
+            if not steps:
+                raise InputError("the answer's content is a list (of steps?); only process reward models score "
+                                 "steps, this model scores a text")
+            out.append({"role": role, "content": list(content)})
+            continue
         if not isinstance(content, str):
             raise InputError(f"message {i} has no text 'content'")
         out.append({"role": role, "content": content})
     if out[-1]["role"] != "assistant":
         raise InputError(f"the last message must be the assistant's answer, got role '{out[-1]['role']}'")
-    if not out[-1]["content"].strip():
+    if isinstance(out[-1]["content"], str) and not out[-1]["content"].strip():
         raise InputError("the assistant's answer is empty")
     return out
+
+
+def content_chars(messages: Sequence[dict]) -> int:
+    """Characters in a checked conversation's contents (a list of steps counts its steps')."""
+    return sum(len(m["content"]) if isinstance(m["content"], str) else sum(map(len, m["content"]))
+               for m in messages)
 
 
 def find_last(ids: Sequence[int], pattern: Sequence[int]) -> int | None:
@@ -116,7 +133,8 @@ class Preprocessor:
 
     def __init__(self, tokenizer, *, bos: str = "one", max_length: int, needs_gate: bool,
                  chat_template: str | None = None, vocab_size: int | None = None,
-                 length_limit: str | None = None, template_date: str = TEMPLATE_DATE):
+                 length_limit: str | None = None, template_date: str = TEMPLATE_DATE,
+                 steps: StepFormat | None = None):
         if bos not in BOS_POLICIES:
             raise ValueError(f"bos policy must be one of {BOS_POLICIES}, got {bos!r}")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -134,6 +152,7 @@ class Preprocessor:
         self.needs_gate = needs_gate
         self.chat_template = chat_template
         self.gating_pattern = tuple(tokenizer(GATING_TEXT, add_special_tokens=False)["input_ids"]) if needs_gate else ()
+        self.steps = steps   # a process reward model's step token and separator; None: no steps
 
     def render(self, messages: list[dict]) -> str:
         return self.tokenizer.apply_chat_template(
@@ -151,8 +170,10 @@ class Preprocessor:
         if n > self.max_length:
             raise InputError(f"{n} tokens, longer than {self.length_limit}")
 
-    def finish(self, ids: Sequence[int]) -> Encoded:
-        """Length and gating checks on final token ids."""
+    def finish(self, ids: Sequence[int], num_steps: int | None = None) -> Encoded:
+        """Length and gating checks on final token ids; a process reward model's step positions: the
+        last `num_steps` step tokens (the answer's, see rmserve/steps.py), or every one when the
+        sample came as a text or token ids (num_steps None)."""
         if len(ids) == 0:
             raise InputError("no tokens")
         self.check_length(len(ids))
@@ -165,24 +186,46 @@ class Preprocessor:
             if gate is None:
                 raise InputError("the gating pattern (<|eot_id|> before the assistant header) is not in the "
                                  "sample: ArmoRM/QRM need a user turn followed by the assistant's answer")
-        return Encoded(tuple(ids), gate)
+        return Encoded(tuple(ids), gate, self._step_positions(ids, num_steps))
+
+    def _step_positions(self, ids: Sequence[int], num_steps: int | None) -> tuple[int, ...]:
+        if self.steps is None:
+            return ()
+        where = [i for i, t in enumerate(ids) if t == self.steps.token_id]
+        if num_steps is None:
+            if not where:
+                raise InputError(f"no step token {self.steps.token} in the sample: a process reward model scores "
+                                 "the steps that token ends")
+            return tuple(where)
+        if len(where) < num_steps:   # the chat template dropped or changed part of the answer
+            raise InputError(f"the rendered sample holds {len(where)} step tokens for the answer's {num_steps} steps")
+        return tuple(where[len(where) - num_steps:])
 
     def encode_many(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
         """Conversations (message lists) or pre-tokenized samples (lists of ints) -> Encoded or the error."""
         out: list[Encoded | InputError | None] = [None] * len(conversations)
-        texts, where = [], []
+        texts, where, counts = [], [], []
         for i, conv in enumerate(conversations):
             try:
                 if isinstance(conv, (list, tuple)) and conv and all(isinstance(t, int) for t in conv):
                     out[i] = self.finish(list(conv))
                     continue
-                texts.append(self.render(check_conversation(conv)))
+                messages = check_conversation(conv, steps=self.steps is not None)
+                count = None
+                if self.steps is not None:   # the answer's steps, joined with the step token
+                    try:
+                        steps, text = self.steps.steps_of(messages[-1]["content"])
+                    except StepError as e:
+                        raise InputError(str(e)) from None
+                    messages[-1]["content"], count = text, len(steps)
+                texts.append(self.render(messages))
                 where.append(i)
+                counts.append(count)
             except InputError as e:
                 out[i] = e
             except Exception as e:  # a template that raises on this input, say
                 out[i] = InputError(f"could not render the chat template: {type(e).__name__}: {e}")
-        for i, enc in zip(where, self.encode_texts(texts)):
+        for i, enc in zip(where, self.encode_texts(texts, counts)):
             out[i] = enc
         return out  # type: ignore[return-value]
 
@@ -198,10 +241,12 @@ class Preprocessor:
                 out.append(e)
         return out
 
-    def encode_texts(self, texts: Sequence[str]) -> list[Encoded | InputError]:
+    def encode_texts(self, texts: Sequence[str], num_steps: Sequence[int | None] | None = None
+                     ) -> list[Encoded | InputError]:
         """Texts already rendered with the chat template -> Encoded or the error, under the BOS policy.
 
-        Special-token strings in the text (a leading "<|begin_of_text|>", say) become their tokens."""
+        Special-token strings in the text (a leading "<|begin_of_text|>", say) become their tokens.
+        num_steps: per text, its answer's step count (process reward models; see `finish`)."""
         out: list[Encoded | InputError | None] = [_unicode_error(t) for t in texts]
         good = [i for i, e in enumerate(out) if e is None]
         if not good:
@@ -209,7 +254,7 @@ class Preprocessor:
         encoded = self.tokenizer([texts[i] for i in good], add_special_tokens=self.bos == "tokenizer")["input_ids"]
         for i, ids in zip(good, encoded):
             try:
-                out[i] = self.finish(self._apply_bos(ids))
+                out[i] = self.finish(self._apply_bos(ids), None if num_steps is None else num_steps[i])
             except InputError as e:
                 out[i] = e
         return out  # type: ignore[return-value]

@@ -41,11 +41,13 @@ def budget_from_memory(free_bytes: float, bytes_per_token: float, cap: int, grap
 
 
 def probe_batch(num_tokens: int, seqlen: int, needs_gate: bool, device: torch.device,
-                key_factor: int = 0) -> PackedBatch:
+                key_factor: int = 0, needs_steps: bool = False) -> PackedBatch:
     """num_tokens tokens of id 0 in sequences of `seqlen` (the last one shorter). key_factor > 0:
-    the shared-prompt layout with key_factor keys per token (each sequence's rows repeated)."""
+    the shared-prompt layout with key_factor keys per token (each sequence's rows repeated).
+    needs_steps (process reward models): every token a step, the most rows the head can read."""
     lengths = [seqlen] * (num_tokens // seqlen) + ([num_tokens % seqlen] if num_tokens % seqlen else [])
-    batch = pack([[0] * n for n in lengths], [0] * len(lengths) if needs_gate else None)
+    batch = pack([[0] * n for n in lengths], [0] * len(lengths) if needs_gate else None,
+                 steps=[range(n) for n in lengths] if needs_steps else None)
     if key_factor:
         cu = batch.cu_seqlens.long()
         rows = [torch.arange(int(a), int(b)).repeat(key_factor) for a, b in zip(cu[:-1], cu[1:])]
@@ -57,10 +59,11 @@ def probe_batch(num_tokens: int, seqlen: int, needs_gate: bool, device: torch.de
 
 
 def bytes_per_token(forward: Callable[[PackedBatch], dict], needs_gate: bool, device: torch.device,
-                    key_factor: int = 0, probe_tokens: int = 2048, seqlen: int = 512) -> float:
+                    key_factor: int = 0, probe_tokens: int = 2048, seqlen: int = 512,
+                    needs_steps: bool = False) -> float:
     """Peak memory of one eager forward over `probe_tokens` tokens, per token (CUDA; run with the
     device current, devices.on_device)."""
-    batch = probe_batch(probe_tokens, seqlen, needs_gate, device, key_factor)
+    batch = probe_batch(probe_tokens, seqlen, needs_gate, device, key_factor, needs_steps)
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -76,14 +79,16 @@ def longest_sample(free_bytes: float, bytes_per_token: float, budget: int, graph
 
 
 def cuda_memory_plan(forward: Callable[[PackedBatch], dict], needs_gate: bool, device: torch.device,
-                     cap: int, utilization: float, graph_tokens: int = 0, key_factor: int = 0) -> tuple[int, int]:
+                     cap: int, utilization: float, graph_tokens: int = 0, key_factor: int = 0,
+                     needs_steps: bool = False) -> tuple[int, int]:
     """(token budget of a batch, longest sample) on `device`, given the fraction of its memory this
-    engine may use in all, the ladder's top rung (graph_tokens; 0 without graphs) and the key rows
-    per token a batch may gather (key_factor; 0 without shared prompts)."""
+    engine may use in all, the ladder's top rung (graph_tokens; 0 without graphs), the key rows
+    per token a batch may gather (key_factor; 0 without shared prompts) and whether the head reads
+    step rows (a process reward model)."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     with devices.on_device(device):
-        per_token = bytes_per_token(forward, needs_gate, device, key_factor)
+        per_token = bytes_per_token(forward, needs_gate, device, key_factor, needs_steps=needs_steps)
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
     usable = utilization * total - (total - free)   # what others and our weights hold is gone

@@ -17,12 +17,16 @@ class PackedBatch:
     max_seqlen int         longest sequence
     last_idx   [B] int64   flat index of each sequence's last token (pooling)
     gate_idx   [B] int64   flat index of each sequence's gating token (ArmoRM/QRM), else None
+    step_idx   [P] int64   flat index of every step token (process reward models), sequence after
+                           sequence, each sequence's in order; else None. P is the sum of the
+                           sequences' step counts, which the host knows (no count read back)
 
     Shared prefixes (rmserve/prefix.py) give a sequence more keys than queries; then
     kv_idx       [Tk] int64   flat token index of each key row, per sequence [prefix ; own tokens]
     cu_seqlens_k [B+1] int32  cumulative key lengths
     max_seqlen_k int          longest key sequence
-    and last_idx / gate_idx count B as the scored samples only. All None on the plain path.
+    and last_idx / gate_idx count B as the scored samples only (step_idx their steps). All None on
+    the plain path.
     """
     tokens: torch.Tensor
     positions: torch.Tensor
@@ -30,6 +34,7 @@ class PackedBatch:
     max_seqlen: int
     last_idx: torch.Tensor
     gate_idx: torch.Tensor | None = None
+    step_idx: torch.Tensor | None = None
     kv_idx: torch.Tensor | None = None
     cu_seqlens_k: torch.Tensor | None = None
     max_seqlen_k: int | None = None
@@ -44,8 +49,9 @@ class PackedBatch:
 
 
 def pack(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | None = None,
-         device: torch.device | str = "cpu") -> PackedBatch:
-    """Pack token-id lists. gates[i] is the gating position inside sequence i (or None for all)."""
+         device: torch.device | str = "cpu", steps: Sequence[Sequence[int]] | None = None) -> PackedBatch:
+    """Pack token-id lists. gates[i] is the gating position inside sequence i (or None for all);
+    steps[i] the step-token positions inside sequence i (process reward models; None: no step side)."""
     if not seqs or any(len(s) == 0 for s in seqs):
         raise ValueError("pack needs at least one sequence and no empty sequence")
     lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
@@ -59,6 +65,9 @@ def pack(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | None = Non
         if any(g is None for g in gates):
             raise ValueError("every sequence needs a gating position when gates are given")
         gate_idx = cu[:-1] + torch.tensor(list(gates), dtype=torch.int64)
+    step_idx = None
+    if steps is not None:
+        step_idx = torch.tensor([int(cu[i]) + p for i, ps in enumerate(steps) for p in ps], dtype=torch.int64)
     return PackedBatch(
         tokens=tokens.to(device),
         positions=positions.to(device),
@@ -66,6 +75,7 @@ def pack(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | None = Non
         max_seqlen=int(lengths.max()),
         last_idx=(cu[1:] - 1).to(device),
         gate_idx=None if gate_idx is None else gate_idx.to(device),
+        step_idx=None if step_idx is None else step_idx.to(device),
     )
 
 

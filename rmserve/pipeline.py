@@ -6,6 +6,8 @@ the host's work overlapped with the device's.
     per batch:  pack on the host -> pinned memory, async copy to the device (CUDA)
                 -> forward (a CUDA graph's replay or eager) -> head outputs only
                 -> async copy to pinned host memory, an event -> ScoreResult per row
+                   (results.ResultMaker; a process reward model's outputs come one per step
+                   and are split by the step counts packed on the host)
 
 `run` keeps one batch in flight while the host packs the next and turns the previous one's
 outputs into results, so in steady state the device does not wait on the host. `score_encoded`
@@ -32,7 +34,7 @@ from .forward import ModelForward
 from .inputs import Encoded, InputError, Preprocessor
 from .packing import PackedBatch
 from .prefix import Limits, PlannedBatch, plan_samples
-from .results import ScoreResult
+from .results import ResultMaker, ScoreResult
 from .scheduler import stream_plans
 
 CHUNK = 64   # conversations a tokenizer thread encodes at a time
@@ -95,15 +97,16 @@ class InFlight:
         else:
             self.outputs, self.done = outputs, None
 
-    def results(self, names: tuple[str, ...]) -> list[tuple[Hashable, ScoreResult]]:
+    def results(self, make: ResultMaker) -> list[tuple[Hashable, ScoreResult]]:
         """(owner key, result) for every owner of every row; repeats of a sample get equal copies."""
         if self.done is not None:
             with devices.on_device(self.device):
                 self.done.synchronize()
         values = {k: v.tolist() for k, v in self.outputs.items()}
+        samples = self.planned.samples
         out = []
-        for row, (sample, owners) in enumerate(zip(self.planned.samples, self.planned.owners)):
-            res = ScoreResult(num_tokens=len(sample), names=names, **{k: v[row] for k, v in values.items()})
+        for res, owners in zip(make(values, [len(e) for e in samples], [len(e.steps) for e in samples]),
+                               self.planned.owners):
             out.append((owners[0], res))
             out.extend((key, copy.deepcopy(res)) for key in owners[1:])
         return out
@@ -111,26 +114,28 @@ class InFlight:
 
 def launch(model: ModelForward, planned: PlannedBatch) -> InFlight:
     """The per-batch step up to the device: pack -> device -> forward -> outputs on their way back."""
-    host = planned.pack(model.needs_gate)
+    host = planned.pack(model.needs_gate, model.needs_steps)
     with devices.on_device(model.device):
         outputs = model.forward(to_device(host, model.device))
         return InFlight(planned, outputs, model.device)
 
 
-def run(model: ModelForward, batches: Iterable[PlannedBatch]) -> Iterator[tuple[Hashable, ScoreResult]]:
+def run(model: ModelForward, batches: Iterable[PlannedBatch],
+        make: ResultMaker) -> Iterator[tuple[Hashable, ScoreResult]]:
     """Every planned batch through the model, one in flight while the host prepares the next:
-    yields (owner key, result) as batches complete."""
+    yields (owner key, result) as batches complete; `make` turns a batch's outputs into results."""
     inflight: deque[InFlight] = deque()
     for planned in batches:
         inflight.append(launch(model, planned))
         if len(inflight) > 1:   # the batch just launched keeps the device busy meanwhile
-            yield from inflight.popleft().results(model.names)
+            yield from inflight.popleft().results(make)
     while inflight:
-        yield from inflight.popleft().results(model.names)
+        yield from inflight.popleft().results(make)
 
 
 def score_encoded(model: ModelForward, encoded: Sequence[Encoded | InputError],
-                  groups: Sequence[Hashable | None] | None, limits: Limits) -> list[ScoreResult]:
+                  groups: Sequence[Hashable | None] | None, limits: Limits,
+                  make: ResultMaker) -> list[ScoreResult]:
     """Encoded samples (or their input errors) -> results in input order (see Engine.score_encoded)."""
     if groups is not None and len(groups) != len(encoded):
         raise ValueError(f"groups= needs one key per sample: {len(groups)} keys for {len(encoded)} samples")
@@ -142,7 +147,7 @@ def score_encoded(model: ModelForward, encoded: Sequence[Encoded | InputError],
         else:
             results[i] = ScoreResult(error=str(e))
     hints = None if groups is None else [groups[i] for i, _ in items]
-    for i, res in run(model, plan_samples(items, hints, limits)):
+    for i, res in run(model, plan_samples(items, hints, limits), make):
         results[i] = res
     return results  # type: ignore[return-value]
 
@@ -160,7 +165,7 @@ def window_planner(limits: Limits):
 
 
 def score_stream(model: ModelForward, preprocessor: Preprocessor, conversations: Iterable[Any], limits: Limits,
-                 lookahead: int, threads: int) -> Iterator[tuple[int, ScoreResult]]:
+                 make: ResultMaker, lookahead: int, threads: int) -> Iterator[tuple[int, ScoreResult]]:
     """See Engine.score_stream."""
     errors: deque[tuple[int, ScoreResult]] = deque()
 
@@ -172,7 +177,7 @@ def score_stream(model: ModelForward, preprocessor: Preprocessor, conversations:
                 errors.append((index, ScoreResult(error=str(enc))))
 
     planned = (p for _, p in stream_plans(scorable(), window_planner(limits), lookahead))
-    for item in run(model, planned):
+    for item in run(model, planned, make):
         while errors:
             yield errors.popleft()
         yield item

@@ -21,7 +21,10 @@ varlen_attn (2.10's is_causal, 2.11+/2.13's window_size=(-1, 0)) calls aten's
 _flash_attention_forward, the same kernel family, whose causal is bottom-right too
 (tests/gpu/test_prefix_cuda.py checks each backend against the reference).
 ArmoRM/QRM gate on a token of the prompt: gate_idx points into the prefix's hidden rows, so
-the gating input is computed once per prompt and read by every answer.
+the gating input is computed once per prompt and read by every answer. A process reward model's
+step tokens lie in the answers, so step_idx points into each member's own segment; a step token
+inside the shared prefix (members whose first steps are the same text) points into the prefix's
+row, whose hidden state is that of every member there (causal attention over equal tokens).
 
 Grouping (`find_groups`): by the caller's hint (one key per sample, e.g. a prompt id or pair
 id) or, without hints, automatically by sorting the samples' token ids and cutting the sorted
@@ -202,10 +205,12 @@ def plan(groups: Sequence[Group], lengths: Sequence[int], max_tokens: int, max_s
 
 
 def pack_shared(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | None, groups: Sequence[Group],
-                device: torch.device | str = "cpu") -> PackedBatch:
-    """One packed batch of whole groups; rows of last_idx/gate_idx follow the members in group order.
+                device: torch.device | str = "cpu", steps: Sequence[Sequence[int]] | None = None) -> PackedBatch:
+    """One packed batch of whole groups; rows of last_idx/gate_idx (and step_idx) follow the members in
+    group order.
 
-    seqs/gates are indexed by member index (gates: None when the head has no gating token)."""
+    seqs/gates/steps are indexed by member index (gates: None when the head has no gating token;
+    steps: each member's step-token positions, None when the head reads no steps)."""
     tokens: list[int] = []
     positions: list[int] = []
     q_lens: list[int] = []
@@ -213,6 +218,7 @@ def pack_shared(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | Non
     k_lens: list[int] = []
     last: list[int] = []
     gate: list[int] = []
+    step: list[int] = []
 
     def segment(ids, first_pos: int, prefix_at: int | None, prefix_len: int) -> int:
         start = len(tokens)
@@ -236,6 +242,8 @@ def pack_shared(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | Non
                 if gp is None:
                     raise ValueError("every sequence needs a gating position when gates are given")
                 gate.append(at + gp if at is not None and gp < p else start + gp - p)
+            if steps is not None:
+                step.extend(at + s if at is not None and s < p else start + s - p for s in steps[m])
 
     def cumsum(lens):
         cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
@@ -254,6 +262,7 @@ def pack_shared(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | Non
         max_seqlen=max(q_lens),
         last_idx=torch.tensor(last, dtype=torch.int64, device=device),
         gate_idx=torch.tensor(gate, dtype=torch.int64, device=device) if gates is not None else None,
+        step_idx=torch.tensor(step, dtype=torch.int64, device=device) if steps is not None else None,
         kv_idx=kv_idx.to(device),
         cu_seqlens_k=cumsum(k_lens).to(device),
         max_seqlen_k=max(k_lens),
@@ -291,11 +300,14 @@ class PlannedBatch:
     def shared(self) -> bool:
         return any(g.prefix for g in self.groups)
 
-    def pack(self, needs_gate: bool) -> PackedBatch:
+    def pack(self, needs_gate: bool, needs_steps: bool = False) -> PackedBatch:
         """The packed batch on the host: pack_shared's layout when a group shares, else pack's."""
         seqs = [e.ids for e in self.samples]
         gates = [e.gate for e in self.samples] if needs_gate else None
-        return pack_shared(seqs, gates, self.groups) if self.shared else pack(seqs, gates)
+        steps = [e.steps for e in self.samples] if needs_steps else None
+        if self.shared:
+            return pack_shared(seqs, gates, self.groups, steps=steps)
+        return pack(seqs, gates, steps=steps)
 
 
 def plan_samples(items: Sequence[tuple[Hashable, Encoded]], hints: Sequence[Hashable | None] | None,

@@ -8,17 +8,24 @@
 | urm    | score, means, spreads (raw), sigmas, weights                               |
 | grm    | score                                                                      |
 | qwen2_rm | score                                                                    |
+| qwen2_prm | step_rewards (one per step of the answer), score (their aggregate: steps.AGGREGATIONS) |
 
 `samples` / `score_samples` are set when sampling was asked for. A sample that could not be
 scored has `error` set and no outputs.
+
+`ResultMaker` turns a batch's head outputs (one row per sample, or per step for a head's
+`step_outputs`) into ScoreResults, splitting the step rows by each sample's step count, which the
+host has had since it packed the batch.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Sequence
+
+from .steps import aggregate
 
 OUTPUT_FIELDS = ("logits", "rewards", "gating", "coefficients", "reward_quantiles", "quantiles",
-                 "means", "spreads", "sigmas", "weights", "samples", "score_samples")
+                 "means", "spreads", "sigmas", "weights", "samples", "score_samples", "step_rewards")
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,7 @@ class ScoreResult:
     weights: list[float] | None = None
     samples: list[list[float]] | None = None
     score_samples: list[float] | None = None
+    step_rewards: list[float] | None = None
 
     @property
     def ok(self) -> bool:
@@ -48,3 +56,28 @@ class ScoreResult:
         """The fields that are set (None fields and empty names left out)."""
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if getattr(self, f.name) is not None and not (f.name == "names" and not self.names)}
+
+
+@dataclass(frozen=True)
+class ResultMaker:
+    """A batch's head outputs -> one ScoreResult per sample row.
+
+    names: the head's objective / attribute names; step_outputs: outputs with one row per step (a
+    process reward model's step_rewards); step_aggregation: the rule that makes `score` from a
+    sample's step_rewards (steps.AGGREGATIONS; None: the head gives `score` itself)."""
+    names: tuple[str, ...] = ()
+    step_outputs: tuple[str, ...] = ()
+    step_aggregation: str | None = None
+
+    def __call__(self, outputs: dict[str, list], lengths: Sequence[int],
+                 step_counts: Sequence[int]) -> list[ScoreResult]:
+        """outputs: host lists ([rows] or [steps] for the step outputs); lengths and step_counts: per
+        row, its tokens and steps."""
+        results, at = [], 0
+        for row, (n, k) in enumerate(zip(lengths, step_counts)):
+            values = {name: (v[at:at + k] if name in self.step_outputs else v[row]) for name, v in outputs.items()}
+            at += k
+            if self.step_aggregation is not None:
+                values["score"] = aggregate(self.step_aggregation, values["step_rewards"])
+            results.append(ScoreResult(num_tokens=n, names=self.names, **values))
+        return results

@@ -1,6 +1,7 @@
 """Reward heads, one module per family, each fed the hidden states gathered at the last token
-(and, for ArmoRM/QRM, at the gating token). Every head returns a dict of fp32 tensors whose
-keys are ScoreResult fields.
+(and, for ArmoRM/QRM, at the gating token; for a process reward model, at every step token). Every
+head returns a dict of fp32 tensors whose keys are ScoreResult fields: one row per sample, or, for
+the outputs a head lists in `step_outputs`, one row per step.
 
 PRECISION is the one place where each family's cast points are chosen (see the spec's
 "Precision policy"): the dtype each head submodule's weights and arithmetic use when the
@@ -20,6 +21,7 @@ from .value import ValueHead
 
 HEADS: dict[str, type[nn.Module]] = {
     "bt": BTHead, "armorm": ArmoRMHead, "qrm": QRMHead, "urm": URMHead, "grm": ValueHead, "qwen2_rm": ValueHead,
+    "qwen2_prm": ValueHead,
 }
 
 PRECISION: dict[str, dict[str, torch.dtype | None]] = {
@@ -30,6 +32,7 @@ PRECISION: dict[str, dict[str, torch.dtype | None]] = {
             "weights": torch.float16},    # the reference runs the weights MLP in fp16
     "grm": {"": None},                    # value head in the engine dtype
     "qwen2_rm": {"": None},               # the remote code's score MLP runs in the model's dtype
+    "qwen2_prm": {"": None},              # likewise; the step softmax in fp32 (heads/value.py)
 }
 
 
