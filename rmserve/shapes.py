@@ -60,6 +60,17 @@ BACKBONES: dict[str, dict] = {
         "eos_token_id": 151645, "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
         "max_window_layers": 80,
     },
+    # Qwen2.5-Math-PRM-7B (the Qwen2ForProcessRewardModel head on Qwen2.5-Math-7B's backbone): sizes from
+    # ../shared/spec/more-models.md; theta, eps, positions and window from a public copy of its config.json
+    # (Rong-yyc/Notes, AI_security/Transformer.md): rope_theta 10000, rms_norm_eps 1e-05 (not Qwen2's usual
+    # 1e-6), max_position_embeddings 4096, sliding_window 131072 with use_sliding_window false.
+    "qwen2.5-math-prm-7b": {
+        "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064, "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 151643,
+        "eos_token_id": 151645, "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
+        "max_window_layers": 28,
+    },
 }
 
 HEADS: dict[str, dict] = {
@@ -76,6 +87,7 @@ HEADS: dict[str, dict] = {
             "vhead_num_neurons": 1024},
     # the score MLP's width is the backbone's hidden size (config.py)
     "qwen2_rm": {"architectures": ["Qwen2ForRewardModel"]},
+    "qwen2_prm": {"architectures": ["Qwen2ForProcessRewardModel"]},
 }
 
 
@@ -91,7 +103,7 @@ def _architecture(family: str, model_type: str) -> str | None:
 
 # The families of the published checkpoints of each backbone (llama-3.1-8b: all of the Llama ones).
 CHECKPOINTS = {"llama-3.2-1b": ("bt",), "llama-3.2-3b": ("bt",), "qwen3-0.6b": ("bt",), "qwen3-8b": ("bt",),
-               "qwen2.5-math-rm-72b": ("qwen2_rm",)}
+               "qwen2.5-math-rm-72b": ("qwen2_rm",), "qwen2.5-math-prm-7b": ("qwen2_prm",)}
 
 
 def families(backbone: str) -> list[str]:

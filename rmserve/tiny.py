@@ -17,7 +17,7 @@ import tempfile
 import torch
 from safetensors.torch import save_file
 
-from .config import FAMILIES
+from .config import FAMILIES, PRM_STEP_TOKEN
 from .tiny_templates import TEMPLATES
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
@@ -47,6 +47,7 @@ ARCHITECTURES = {
     ("urm", "llama"): "LlamaForSequenceClassificationWithNormal_Weights",
     ("grm", "llama"): "LlamaForCausalLM",
     ("qwen2_rm", "qwen2"): "Qwen2ForRewardModel",
+    ("qwen2_prm", "qwen2"): "Qwen2ForProcessRewardModel",
 }
 # Per family, as the published checkpoints are: backbone, its generation and template style.
 FAMILY_DEFAULTS = {
@@ -56,6 +57,7 @@ FAMILY_DEFAULTS = {
     "urm": {"backbone": "llama", "llama31": True, "template": "llama3_nobos"},    # URM-LLaMa-3.1-8B
     "grm": {"backbone": "llama", "llama31": False, "template": "llama3"},         # GRM-llama3-8B-sftreg
     "qwen2_rm": {"backbone": "qwen2", "template": "chatml"},                      # Qwen2.5-Math-RM-72B
+    "qwen2_prm": {"backbone": "qwen2", "template": "chatml"},                     # Qwen2.5-Math-PRM-7B
 }
 # Per backbone: model_type, tokenizer, default template, and the config keys the real checkpoints carry.
 # llama32: Skywork-Reward-V2-Llama-3.2-1B/3B (llama3 RoPE scaling with factor 32, tied embeddings);
@@ -75,12 +77,15 @@ def _byte_alphabet() -> list[str]:
     return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def write_tokenizer(path: str, template: str = "llama3", style: str = "llama3") -> int:
+def write_tokenizer(path: str, template: str = "llama3", style: str = "llama3", extra_special: tuple[str, ...] = ()
+                    ) -> int:
     """Writes tokenizer.json and tokenizer_config.json; returns the vocabulary size (special tokens included).
 
     style "llama3": Llama 3's special tokens plus [PAD]; the tokenizer adds BOS (<|begin_of_text|>).
     style "qwen": Qwen's <|endoftext|> (pad), <|im_start|>, <|im_end|> (eos), and <think>, </think> as
-    plain added tokens; NFC normalisation, one digit per pre-token piece, and no BOS token at all."""
+    plain added tokens; NFC normalisation, one digit per pre-token piece, and no BOS token at all.
+    extra_special: more special tokens after those (Qwen2.5-Math-PRM's step token <extra_0>: an added
+    special token, split out of any text wherever it is written, as in the real tokenizer)."""
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from tokenizers.pre_tokenizers import ByteLevel
 
@@ -106,11 +111,11 @@ def write_tokenizer(path: str, template: str = "llama3", style: str = "llama3") 
     tok.decoder = decoders.ByteLevel()
     if style == "qwen":
         tok.normalizer = normalizers.NFC()
-        tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS))
+        tok.add_special_tokens(list(QWEN_SPECIAL_TOKENS) + list(extra_special))
         tok.add_tokens(list(QWEN_ADDED_TOKENS))
         special = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False}
     else:
-        tok.add_special_tokens(list(SPECIAL_TOKENS) + [PAD_TOKEN])
+        tok.add_special_tokens(list(SPECIAL_TOKENS) + [PAD_TOKEN] + list(extra_special))
         bos_id = tok.token_to_id("<|begin_of_text|>")
         tok.post_processor = processors.TemplateProcessing(
             single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
@@ -176,15 +181,19 @@ def _config(family: str, backbone: str, ids: dict, *, hidden: int, layers: int, 
                     "vhead_num_neurons": head["vhead_num_neurons"]})
     if family == "qwen2_rm":
         cfg["auto_map"] = {"AutoModel": "modeling_qwen2_rm.Qwen2ForRewardModel"}
+    if family == "qwen2_prm":   # Qwen2.5-Math-PRM-7B's config.json carries no num_labels (its code says 2)
+        cfg["auto_map"] = {"AutoConfig": "configuration_qwen2_rm.Qwen2RMConfig",
+                           "AutoModel": "modeling_qwen2_rm.Qwen2ForProcessRewardModel"}
     return cfg
 
 
 def _head_shapes(family: str, hidden: int, head: dict) -> dict[str, tuple[int, ...]]:
     if family == "bt":
         return {"score.weight": (head["num_labels"], hidden)}
-    if family == "qwen2_rm":   # score = Linear(hidden, hidden) -> ReLU -> Linear(hidden, 1), with biases
+    if family in ("qwen2_rm", "qwen2_prm"):   # score = Linear(h, h) -> ReLU -> Linear(h, 1 or 2), with biases
+        n = 2 if family == "qwen2_prm" else 1
         return {"score.0.weight": (hidden, hidden), "score.0.bias": (hidden,),
-                "score.2.weight": (1, hidden), "score.2.bias": (1,)}
+                "score.2.weight": (n, hidden), "score.2.bias": (n,)}
     if family == "urm":
         n, a = head["num_labels"], head["num_labels"] // 2
         return {"score.weight": (n, hidden), "weights.fc.0.weight": (hidden, hidden), "weights.fc.0.bias": (hidden,),
@@ -271,7 +280,7 @@ def write_tiny_checkpoint(path: str, family: str, *, seed: int = 0, hidden: int 
     head.update(head_overrides)
     os.makedirs(path, exist_ok=True)
     template = template or (defaults["template"] if backbone == defaults["backbone"] else bb["template"])
-    vocab = write_tokenizer(path, template, bb["tokenizer"])
+    vocab = write_tokenizer(path, template, bb["tokenizer"], (PRM_STEP_TOKEN,) if family == "qwen2_prm" else ())
     if bb["tokenizer"] == "llama3":
         ids = {"vocab": vocab, "pad": vocab - 1, "bos": vocab - 1 - len(SPECIAL_TOKENS), "eos": vocab - 2}
     else:   # Qwen configs name <|endoftext|> as bos_token_id although the tokenizer has no BOS
@@ -347,6 +356,7 @@ PRESETS = {
     "qwen3": ("bt", 5, {"backbone": "qwen3"}),          # Skywork-Reward-V2-Qwen3
     "llama32": ("bt", 6, {"backbone": "llama32"}),      # Skywork-Reward-V2-Llama-3.2
     "qwen2-rm": ("qwen2_rm", 7, {}),                    # Qwen2.5-Math-RM
+    "prm": ("qwen2_prm", 8, {}),                        # Qwen2.5-Math-PRM (step token <extra_0>)
 }
 PRESET_VERSION = 1
 
