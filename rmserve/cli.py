@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from .eval.cli import add_parser as add_eval_parser
-from .flags import HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_quantization_flags
+from .flags import (HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_quantization_flags,
+                    add_step_flags)
 from .server.main import add_parser as add_serve_parser
 
 
@@ -27,7 +28,8 @@ def _score(args: argparse.Namespace) -> int:
                               max_batch_tokens=args.max_batch_tokens, max_batch_seqs=args.max_batch_seqs,
                               bos=args.bos, max_length=args.max_length, kernels=args.kernels,
                               share_prefix=not args.no_share_prefix, quantization=args.quantization,
-                              quant_kernels=args.quant_kernels, template_date=args.template_date)
+                              quant_kernels=args.quant_kernels, template_date=args.template_date,
+                              step_aggregation=args.step_aggregation, step_separator=args.step_separator)
         config = JobConfig(args.input, args.output, args.model, format=args.format, split=args.split,
                            shape=shape, engine=engine, part_rows=args.part_rows, samples=args.samples,
                            seed=args.seed, quiet=args.quiet,
@@ -88,6 +90,7 @@ def _add_score(sub) -> None:
     e.add_argument("--no-share-prefix", action="store_true", help="score every sample whole (no shared prompts)")
     add_kernel_flags(e)
     add_quantization_flags(e)
+    add_step_flags(e)
     j = s.add_argument_group("job")
     j.add_argument("--part-rows", type=int, default=2048, help="input rows per committed part")
     j.add_argument("--samples", type=int, default=0, help="URM/QRM: draws per sample (samples, score_samples)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from .inputs import TEMPLATE_DATE   # cheap: no torch
+from .steps import AGGREGATIONS, DEFAULT_AGGREGATION, unescape
 
 DTYPES = ("auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16")   # engine.DTYPES + auto
 ATTENTION = ("auto", "flash_attn", "torch_varlen", "reference")               # model/attention.BACKENDS + auto
@@ -70,3 +71,14 @@ def add_quantization_flags(group) -> None:
                             "bf16 elsewhere; needs sm_89+ on CUDA (README: FP8)")
     group.add_argument("--quant-kernels", default="auto", choices=QUANT_KERNELS,
                        help="fp8's quantizing ops: the csrc CUDA kernels (auto: on CUDA when built) or the references")
+
+
+def add_step_flags(group) -> None:
+    """Process reward models' settings (EngineConfig.step_aggregation and .step_separator)."""
+    group.add_argument("--step-aggregation", default=DEFAULT_AGGREGATION, choices=list(AGGREGATIONS),
+                       help="process reward models: how `score` comes from the step rewards (README: process "
+                            "reward models)")
+    group.add_argument("--step-separator", default=None, type=unescape, metavar="TEXT",
+                       help="process reward models: split text answers into steps on TEXT (backslash escapes "
+                            "\\n, \\t read as such, e.g. '\\n\\n'); without it an answer is a list of steps "
+                            "or already joined with the step token")

@@ -120,7 +120,8 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
            "engine": asdict(config.engine), "shape": asdict(shape), "part_rows": config.part_rows,
            "samples": [config.samples, config.seed], "format": fmt, "runner": runner}
     key = json.loads(json.dumps(key, default=str))   # as the manifest stores it (tuples -> lists)
-    info = {"input": config.input, "family": spec.family, "names": list(spec.head.names)}
+    info = {"input": config.input, "family": spec.family, "names": list(spec.head.names),
+            "step_token": spec.head.step_token or None}
     store = PartStore(config.output, fmt)
     store.lock()   # held until the Prepared is closed (`with prepare(...) as prep`) or the process ends
     prep = Prepared(config, source, shape, store, key, info, num_rows, {}, mdir)
@@ -199,6 +200,7 @@ def summarize(prep: Prepared, seconds: float) -> dict:
                          "errors_file": prep.store.errors_path, "model": prep.config.model,
                          "family": prep.info["family"], "shape": prep.shape.shape, "names": prep.info["names"],
                          "template_date": prep.config.engine.template_date,
+                         **_step_settings(prep),
                          **total, "seconds": round(seconds, 3),
                          "rows_per_s": total["rows"] / seconds if seconds else None,
                          "tokens_per_s": total["tokens"] / seconds if seconds else None}
@@ -217,6 +219,15 @@ def summarize(prep: Prepared, seconds: float) -> dict:
             s.update(groups=0)
     s["exit_code"] = EXIT_BAD_ROWS if total["errors"] else EXIT_OK
     return s
+
+
+def _step_settings(prep: Prepared) -> dict:
+    """A process reward model's step token, aggregation rule and separator (rmserve/steps.py)."""
+    if not prep.info.get("step_token"):
+        return {}
+    engine = prep.config.engine
+    return {"step_token": prep.info["step_token"], "step_aggregation": engine.step_aggregation,
+            "step_separator": engine.step_separator}
 
 
 def finish(prep: Prepared, seconds: float) -> dict:

@@ -7,6 +7,10 @@
 | `pair`            | `chosen`, `rejected` (message lists; or strings with `prompt`) | both sides                   |
 | `multi`           | `prompt`, `responses` (a list of strings) | prompt + each response (best-of-N in one row) |
 
+For a process reward model an answer may be a list of step strings (rmserve/steps.py): the
+`response` column (`--response-field steps` for a `steps` column), each of `responses`, `chosen` /
+`rejected`, or the assistant message's content in a message list.
+
 `group_field` (with `messages` or `prompt_response`) names a prompt-id column: rows sharing it
 form a best-of-N group and get their rank within it. The id is the `id_field` column when the
 first row has it (then every row must), else the row number; an `id_field` other than the
@@ -132,12 +136,12 @@ def _require(row: dict, name: str) -> Any:
 
 
 def _conversation(row: dict, cfg: ShapeConfig, answer: Any, what: str) -> Any:
-    """A side given as a message list is taken as it is (the engine checks it); a string is the
-    assistant's answer to the prompt column."""
-    if isinstance(answer, (list, tuple)):
+    """A side given as a message list is taken as it is (the engine checks it); a string, or a list of
+    step strings (process reward models), is the assistant's answer to the prompt column."""
+    if isinstance(answer, (list, tuple)) and not (answer and all(isinstance(a, str) for a in answer)):
         return list(answer)
-    if not isinstance(answer, str):
-        raise _Bad(f"field '{what}' must be a string or a message list, got {type(answer).__name__}")
+    if not isinstance(answer, (str, list, tuple)):
+        raise _Bad(f"field '{what}' must be a string, a message list or a list of steps, got {type(answer).__name__}")
     prompt = _require(row, cfg.prompt_field)
     if isinstance(prompt, str):
         context = [{"role": "user", "content": prompt}]

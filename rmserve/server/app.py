@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..async_engine import AsyncEngine, EngineClosed, Overloaded, RequestTooLarge
-from ..inputs import InputError, check_conversation
+from ..inputs import InputError, check_conversation, content_chars
 from ..results import ScoreResult
 from ..sampling import check_sampling
 from .metrics import Metrics
@@ -280,10 +280,10 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         for i, conv in enumerate(body.conversations):
             messages = [m.model_dump() for m in conv]
             try:
-                check_conversation(messages)
+                messages = check_conversation(messages, steps=bool(spec.head.step_token))
             except InputError as e:
                 raise ClientError(422, "invalid_request", f"conversations[{i}]: {e}") from None
-            check_chars(sum(len(m["content"]) for m in messages), f"conversations[{i}]")
+            check_chars(content_chars(messages), f"conversations[{i}]")
             convs.append(messages)
         results = await engine.score(convs, samples=body.samples, seed=body.seed)
         items = [to_item(i, r) for i, r in enumerate(results)]
@@ -323,9 +323,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=ModelList)
     async def models() -> ModelList:
+        steps = {"step_token": spec.head.step_token, "step_aggregation": sync.config.step_aggregation,
+                 "step_separator": sync.config.step_separator} if spec.head.step_token else {}
         card = ModelCard(id=config.model_name, family=spec.family, architecture=spec.architecture,
                          dtype=sync.config.dtype, device=sync.config.device, max_length=sync.config.max_length,
-                         names=names, template_date=sync.config.template_date)
+                         names=names, template_date=sync.config.template_date, **steps)
         return ModelList(data=[card])
 
     @app.get("/metrics", response_class=Response)

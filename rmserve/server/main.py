@@ -18,7 +18,7 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")   # uvic
 
 
 def add_parser(sub) -> None:
-    from ..flags import HelpFormatter, add_engine_flags, add_model_flag, add_quantization_flags
+    from ..flags import HelpFormatter, add_engine_flags, add_model_flag, add_quantization_flags, add_step_flags
 
     s = sub.add_parser("serve", help="serve a reward model over HTTP", formatter_class=HelpFormatter,
                        description="Serve a reward model over HTTP: POST /v1/score, POST /get_reward (OpenRLHF), "
@@ -46,6 +46,7 @@ def add_parser(sub) -> None:
                    help=f"require 'Authorization: Bearer <key>' (prefer the {API_KEY_ENV} environment variable)")
     s.add_argument("--log-level", default="info", choices=LOG_LEVELS, help="uvicorn's log level")
     add_quantization_flags(s)
+    add_step_flags(s)
     s.set_defaults(func=serve)
 
 
@@ -70,7 +71,8 @@ def serve(args: argparse.Namespace) -> int:
         engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
                                         max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
                                         quantization=args.quantization, quant_kernels=args.quant_kernels,
-                                        template_date=args.template_date)
+                                        template_date=args.template_date, step_aggregation=args.step_aggregation,
+                                        step_separator=args.step_separator)
     except ValueError as e:   # ConfigError, CheckpointError, a bad setting: one line, not a traceback
         print(f"rmserve serve: {e}", file=sys.stderr)
         return 2

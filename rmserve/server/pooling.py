@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from ..async_engine import AsyncEngine
-from ..inputs import InputError, check_conversation
+from ..inputs import InputError, check_conversation, content_chars
 from ..results import ScoreResult
 from .app import ERRORS, ClientError, ServerConfig
 from .schemas import Message
@@ -166,6 +166,10 @@ def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_count, chec
     spec = engine.engine.spec
 
     def check_model(name: str | None) -> None:
+        if spec.head.step_token:   # per-step outputs: neither shape has a place for them
+            raise ClientError(422, "invalid_request", "a process reward model gives one reward per step, which "
+                                                      "these shapes cannot carry; use /v1/score (step_rewards and "
+                                                      "score) or /get_reward (score)")
         if name is not None and name != config.model_name:
             raise ClientError(404, "unknown_model", f"model '{name}' is not served here; this server serves "
                                                     f"'{config.model_name}' (set --served-model-name to the "
@@ -214,7 +218,7 @@ def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_count, chec
                 conv = check_conversation([m.model_dump() for m in body.messages])
             except InputError as e:
                 raise ClientError(422, "invalid_request", f"messages: {e}") from None
-            check_chars(sum(len(m["content"]) for m in conv), "messages")
+            check_chars(content_chars(conv), "messages")
             results = await engine.score([conv])
         else:
             results = await score_inputs(body.input)

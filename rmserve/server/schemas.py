@@ -7,10 +7,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 
 class Message(BaseModel):
-    """One OpenAI-style chat message. Other keys (name, ...) are ignored."""
+    """One OpenAI-style chat message. Other keys (name, ...) are ignored. A process reward model's
+    answer (the last, assistant message) may be a list of step strings."""
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str | list[str]
 
 
 class ScoreRequest(BaseModel):
@@ -42,6 +43,7 @@ class ScoreItem(BaseModel):
     weights: list[float] | None = None
     samples: list[list[float]] | None = None
     score_samples: list[float] | None = None
+    step_rewards: list[float] | None = Field(None, description="Process reward models: one reward per step")
 
 
 class ScoreResponse(BaseModel):
@@ -78,6 +80,11 @@ class ModelCard(BaseModel):
     max_length: int
     names: list[str]
     template_date: str = Field(description="the date chat templates that read the clock render as today")
+    step_token: str | None = Field(None, description="process reward models: the token that ends each step")
+    step_aggregation: str | None = Field(None, description="process reward models: how `score` comes from the "
+                                                           "step rewards (min, last, product, mean)")
+    step_separator: str | None = Field(None, description="process reward models: what splits a text answer into "
+                                                         "steps (null: answers come as steps)")
 
 
 class ModelList(BaseModel):
