@@ -1,6 +1,7 @@
 """The test oracle: transformers' LlamaModel (Qwen2Model, Qwen3Model for those backbones) hidden
 states plus each family's head written plainly from ../shared/spec/reward-models.md and
-more-models.md, on the checkpoint's own files.
+more-models.md, on the checkpoint's own files (a process reward model's step rewards as its model
+card computes them: `card_step_rewards`).
 
 Deliberately independent of rmserve's model and heads: it reads the safetensors itself,
 runs one sequence at a time with no packing, and does the head math in fp32 (or in the
@@ -120,6 +121,18 @@ def head_ref(cfg: dict, t: dict[str, torch.Tensor], h: torch.Tensor, g_in: torch
             "reward_quantiles": mixture, "quantiles": R}
 
 
+def card_step_rewards(t: dict[str, torch.Tensor], hidden: torch.Tensor, ids: list[int], step_id: int,
+                      dtype=torch.float32) -> list[float]:
+    """Qwen2.5-Math-PRM's step rewards the way its model card computes them
+    (huggingface.co/Qwen/Qwen2.5-Math-PRM-7B, README at 0610740, `make_step_rewards`): the score MLP
+    (score.0 -> ReLU -> score.2, 2 outputs) on every token's hidden state, softmax over the 2 logits,
+    zeroed outside `input_ids == step_sep_id` (every step token of the input, the user's included),
+    then `sample[sample != 0].view(-1, 2)[:, 1]`. hidden: [L, hidden] of one sequence."""
+    logits = _lin(F.relu(_lin(hidden.to(dtype), t, "score.0")), t, "score.2").float()
+    probabilities = F.softmax(logits, dim=-1) * (torch.tensor(ids) == step_id).unsqueeze(-1)
+    return probabilities[probabilities != 0].view(-1, 2)[:, 1].tolist()
+
+
 class Reference:
     """Reference scores for token-id samples of one checkpoint."""
 
@@ -131,3 +144,7 @@ class Reference:
     def outputs(self, ids: list[int], gate: int | None) -> dict[str, torch.Tensor]:
         hidden = hf_hidden(self.model, ids)
         return head_ref(self.cfg, self.tensors, hidden[-1], None if gate is None else hidden[gate], self.dtype)
+
+    def step_rewards(self, ids: list[int], step_id: int) -> list[float]:
+        """A process reward model's rewards at every step token of `ids`, the model card's way."""
+        return card_step_rewards(self.tensors, hf_hidden(self.model, ids), ids, step_id, self.dtype)

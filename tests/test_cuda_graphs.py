@@ -45,7 +45,8 @@ class Recorder:
 
 def runner_for(engine, buckets):
     recorder = Recorder()
-    runner = GraphRunner(engine.forward_eager, buckets, engine.model.head.needs_gate, torch.device("cpu"), recorder)
+    runner = GraphRunner(engine.forward_eager, buckets, engine.model.head.needs_gate, torch.device("cpu"), recorder,
+                         engine.model_forward.step_outputs)
     return runner, recorder
 
 

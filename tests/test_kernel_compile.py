@@ -6,7 +6,8 @@ stage (RMSERVE_KERNEL_COMPILE=1; bench/compile_kernels.sh, which .ci/run runs af
 minutes): the real engine (`Engine.score` on packed batches, kernels="triton") runs a one-layer
 model of every backbone in rmserve/shapes.py with its checkpoints' heads (shapes.families), in bf16 and
 fp16, on batches of 1, 5, 16, 24 and 32 samples (every block size and integer specialization of
-the launchers), a shared-prefix batch, and URM/QRM sampling with small and large K, recorded
+the launchers; a process reward model's samples end with one step token, so its step rows are as many),
+a shared-prefix batch, and URM/QRM sampling with small and large K, recorded
 without running the kernel bodies (`recording(dry=True)`: specializations do not depend on
 values). Each distinct specialization is compiled for sm_80 and sm_90 by
 `python -m rmserve.kernels.compile` in a separate process (Triton's compiler, not the
@@ -116,14 +117,16 @@ def exercise(engine: Engine) -> None:
     """The calls whose launches are recorded: every batch size class, a shared prompt, sampling."""
     bos = engine.spec.bos_token_id
     gate = list(engine.preprocessor.gating_pattern)      # ArmoRM/QRM: each sample gates on it
+    steps = engine.preprocessor.steps                    # a PRM: one step each, so its head rows are the samples'
+    end = [steps.token_id] if steps else []
 
     def plain(n, start):   # distinct second tokens: no shared prompt
-        return [[bos, 1000 + start + i] + gate for i in range(n)]
+        return [[bos, 1000 + start + i] + gate + end for i in range(n)]
 
     for n in BATCH_SIZES:
         engine.score(plain(n, 100 * n))
     prompt = [bos] + list(range(5000, 5020)) + gate      # 16+ common tokens: one group, prompt run once
-    engine.score([prompt + [6000 + i] for i in range(4)] + plain(3, 9000))
+    engine.score([prompt + [6000 + i] + end for i in range(4)] + plain(3, 9000))
     if engine.family in ("urm", "qrm"):
         for k in SAMPLE_COUNTS:
             engine.score(plain(5, 8000), samples=k, seed=k)
@@ -133,12 +136,14 @@ def exercise(engine: Engine) -> None:
 def engine_launches(tiny_model):
     """{(backbone, dtype, family): [Launch]} from one-layer engines of every real shape."""
     tokenizer = load_tokenizer(tiny_model("bt"))          # the ids are given; it renders nothing
+    step_tokenizer = load_tokenizer(tiny_model("qwen2_prm"))   # a PRM's engine looks its step token up
     out = {}
     for backbone in shapes.BACKBONES:
         for dtype in DTYPES:
             for family in shapes.families(backbone):
                 model = shapes.model_of_shape(shapes.config(backbone, family, layers=1), "cpu", dtype, fill=_fill)
-                engine = Engine(model, tokenizer, EngineConfig(kernels="triton"))
+                tok = step_tokenizer if model.spec.head.step_token else tokenizer
+                engine = Engine(model, tok, EngineConfig(kernels="triton"))
                 with recording(dry=True) as rec:
                     exercise(engine)
                 out[backbone, str(dtype), family] = rec.launches
