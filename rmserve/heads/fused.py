@@ -31,12 +31,13 @@ from torch import nn
 from ..kernels.dispatch import TORCH_OPS, Ops
 
 SOURCES = ("last", "gate", "steps")
+_WHAT = {"last": "last-token positions", "gate": "gating positions", "steps": "step positions"}
 
 
 @dataclass(frozen=True)
 class Part:
     name: str            # key of this output in the parts dict given to `finish`
-    linear: nn.Linear    # reads one hidden row per sample
+    linear: nn.Linear    # reads one hidden row per sample (per step for source "steps")
     source: str          # "last": the last token; "gate": the gating token (ArmoRM/QRM); "steps": each step token (PRM)
 
 
@@ -81,9 +82,6 @@ class FusedProjection:
                 parts[p.name] = out[:, start:start + n].to(p.linear.weight.dtype)
                 start += n
         return parts
-
-
-_WHAT = {"gate": "gating positions", "steps": "step positions", "last": "last-token positions"}
 
 
 class PackedHead(nn.Module):
