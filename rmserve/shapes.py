@@ -25,6 +25,9 @@ _QWEN3 = {"model_type": "qwen3", "head_dim": 128, "vocab_size": 151936, "max_pos
           "rms_norm_eps": 1e-6, "hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
           "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False, "use_sliding_window": False,
           "sliding_window": None}
+_QWEN25_MATH = {"model_type": "qwen2", "vocab_size": 152064, "max_position_embeddings": 4096, "hidden_act": "silu",
+                "rope_theta": 10000.0, "bos_token_id": 151643, "eos_token_id": 151645, "tie_word_embeddings": False,
+                "use_sliding_window": False}
 _LLAMA32 = {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
             "hidden_act": "silu", "rope_parameters": LLAMA32_ROPE, "bos_token_id": 128000, "eos_token_id": 128009,
             "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False}
@@ -53,24 +56,16 @@ BACKBONES: dict[str, dict] = {
                  "num_key_value_heads": 8, "intermediate_size": 12288, "tie_word_embeddings": False,
                  "max_window_layers": 36},
     # Qwen2.5-Math-RM-72B (Qwen2: q/k/v biases; head_dim = hidden / heads = 128)
-    "qwen2.5-math-rm-72b": {
-        "model_type": "qwen2", "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
-        "num_key_value_heads": 8, "intermediate_size": 29568, "vocab_size": 152064, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-6, "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 151643,
-        "eos_token_id": 151645, "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 4096,
-        "max_window_layers": 80,
-    },
+    "qwen2.5-math-rm-72b": {**_QWEN25_MATH, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
+                            "num_key_value_heads": 8, "intermediate_size": 29568, "rms_norm_eps": 1e-6,
+                            "sliding_window": 4096, "max_window_layers": 80},
     # Qwen2.5-Math-PRM-7B (the Qwen2ForProcessRewardModel head on Qwen2.5-Math-7B's backbone): sizes from
     # ../shared/spec/more-models.md; theta, eps, positions and window from a public copy of its config.json
     # (Rong-yyc/Notes, AI_security/Transformer.md): rope_theta 10000, rms_norm_eps 1e-05 (not Qwen2's usual
     # 1e-6), max_position_embeddings 4096, sliding_window 131072 with use_sliding_window false.
-    "qwen2.5-math-prm-7b": {
-        "model_type": "qwen2", "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
-        "num_key_value_heads": 4, "intermediate_size": 18944, "vocab_size": 152064, "max_position_embeddings": 4096,
-        "rms_norm_eps": 1e-5, "hidden_act": "silu", "rope_theta": 10000.0, "bos_token_id": 151643,
-        "eos_token_id": 151645, "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": 131072,
-        "max_window_layers": 28,
-    },
+    "qwen2.5-math-prm-7b": {**_QWEN25_MATH, "hidden_size": 3584, "num_hidden_layers": 28, "num_attention_heads": 28,
+                            "num_key_value_heads": 4, "intermediate_size": 18944, "rms_norm_eps": 1e-5,
+                            "sliding_window": 131072, "max_window_layers": 28},
 }
 
 HEADS: dict[str, dict] = {
