@@ -1,8 +1,9 @@
 """The default configuration on CUDA (skipped without it): shared-prompt batches replaying CUDA
-graphs, an fp16 engine, a sample over the batch budget and one over the memory limit, a model
-with the exact Llama-3.1-8B layer shape, score_stream with the default settings, and an engine
-on the last CUDA device. Each is compared to the fp32 reference engine on CPU (rmserve with
-share_prefix off, itself checked against transformers in tests/test_exact.py).
+graphs, a process reward model's step slots, an fp16 engine, a sample over the batch budget and
+one over the memory limit, a model with the exact Llama-3.1-8B layer shape, score_stream with the
+default settings, and an engine on the last CUDA device. Each is compared to the fp32 reference
+engine on CPU (rmserve with share_prefix off, itself checked against transformers in
+tests/test_exact.py).
 
 Tolerances. The rule (flash-attention's): an engine's largest error against the fp32 reference,
 per output, is at most twice the largest error of the same dtype's plain PyTorch path (an eager
@@ -107,6 +108,34 @@ def test_shared_prompts_replay_graphs(tiny_model, family, rng):
         got = engine.score(samples, groups=hints)
         assert sum(runner.replays.values()) - replays == sum(fits) > 0 and runner.eager - eager == fits.count(False)
         assert_rule(got, plain, ref, torch.bfloat16, f"{family} groups={'keys' if hints else 'auto'}")
+
+
+def test_prm_step_rewards_replay_graphs(tiny_model, rng):
+    """A process reward model in the default configuration: every bucket has T // 4 step slots, the
+    step rows are gathered inside the graphs, best-of-N prompts shared (one shared into a first step);
+    each score and step reward by the rule against the fp32 reference (tests/test_prm.py checks that
+    one against the model card's code)."""
+    from rmserve.results import ScoreResult
+
+    from ..test_prm import workload
+
+    path = tiny_model("qwen2_prm")
+    engine = Engine.from_pretrained(path, dtype="bfloat16", device="cuda", max_batch_tokens=600)
+    runner = engine.graphs
+    assert runner is not None and all(b.steps == max(1, b.tokens // 4) for b in runner.buckets)
+    convs, groups = workload(rng)
+    ref = reference(path).score(convs)
+    plain = plain_path(path, "bfloat16", max_batch_tokens=600).score(convs)
+    poison(runner)
+    replays = sum(runner.replays.values())
+    got = engine.score(convs, groups)
+    assert sum(runner.replays.values()) > replays and all(r.ok for r in got), [r.error for r in got]
+    assert [len(r.step_rewards) for r in got] == [len(r.step_rewards) for r in ref]
+
+    def flat(results):   # each sample's score, then its step rewards, as one-output results
+        return [ScoreResult(score=x) for r in results for x in (r.score, *r.step_rewards)]
+
+    assert_rule(flat(got), flat(plain), flat(ref), torch.bfloat16, "qwen2_prm step rewards and scores")
 
 
 @pytest.mark.parametrize("family", ["armorm", "urm"])
