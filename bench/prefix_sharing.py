@@ -42,7 +42,7 @@ DATA = os.environ.get("RMSERVE_DATA", os.path.join(os.path.dirname(__file__), ".
 
 def build_checkpoint(path: str, family: str, hidden: int, layers: int, heads: int, kv_heads: int,
                      intermediate: int, tokenizer_dir: str) -> str:
-    """A random checkpoint with the real Llama 3 tokenizer; embeddings resized to its vocabulary."""
+    """A random checkpoint with a real tokenizer's files (tokenizer_dir); embeddings resized to its vocabulary."""
     write_tiny_checkpoint(path, family, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
                           intermediate=intermediate, gating_hidden_dim=64, vhead_num_neurons=64)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -139,6 +139,30 @@ def timed(engine: Engine, convs, keys) -> tuple[float, float, list]:
     return time.perf_counter() - w0, time.process_time() - c0, results
 
 
+def compare_modes(modes: dict[str, tuple[Engine, list | None]], convs, repeats: int):
+    """Each mode (name -> engine, group hints) warmed up on 8 samples, then `repeats` timed runs of
+    every mode, interleaved. -> (runs: mode -> [(wall, cpu)], medians: mode -> (wall, cpu), last
+    results per mode)."""
+    for engine, hints in modes.values():
+        engine.score(convs[:8], groups=None if hints is None else hints[:8])
+    runs: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    results = {}
+    for _ in range(repeats):
+        for mode, (engine, hints) in modes.items():
+            wall, cpu, results[mode] = timed(engine, convs, hints)
+            runs[mode].append((wall, cpu))
+    medians = {m: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r)) for m, r in runs.items()}
+    return runs, medians, results
+
+
+def timing_fields(runs: dict, medians: dict, base: str, other: str) -> dict:
+    """A JSON row's timing entries: median wall and CPU seconds, every run, and the speedup of `other`."""
+    row = {f"{k}_s_{m}": round(medians[m][i], 2) for i, k in enumerate(("wall", "cpu")) for m in (base, other)}
+    row.update({f"runs_{m}": [[round(w, 2), round(c, 2)] for w, c in runs[m]] for m in (base, other)})
+    row.update({f"speedup_{k}": round(medians[base][i] / medians[other][i], 3) for i, k in enumerate(("wall", "cpu"))})
+    return row
+
+
 def commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -147,13 +171,8 @@ def commit() -> str:
         return ""
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", default="armorm")
-    ap.add_argument("--pairs", type=int, default=300, help="HH-RLHF pairs to score (of 2,312)")
-    ap.add_argument("--prompts", type=int, default=25, help="AlpacaEval instructions to score, 15 answers each (of 805)")
-    ap.add_argument("--sets", default="hh,alpaca,synthetic", help="comma-separated: hh, alpaca, synthetic")
-    ap.add_argument("--synthetic", default="4,1000,8,300", help="groups,prompt,answers,answer tokens")
+def add_run_args(ap: argparse.ArgumentParser) -> None:
+    """The random model's shape, the engine's device and budget, the repeats (bench/prm_sharing.py too)."""
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
@@ -164,6 +183,16 @@ def main() -> None:
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each mode, interleaved; medians")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: process time = work done)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--family", default="armorm")
+    ap.add_argument("--pairs", type=int, default=300, help="HH-RLHF pairs to score (of 2,312)")
+    ap.add_argument("--prompts", type=int, default=25, help="AlpacaEval instructions to score, 15 answers each (of 805)")
+    ap.add_argument("--sets", default="hh,alpaca,synthetic", help="comma-separated: hh, alpaca, synthetic")
+    ap.add_argument("--synthetic", default="4,1000,8,300", help="groups,prompt,answers,answer tokens")
+    add_run_args(ap)
     ap.add_argument("--json", default=None, help="append one JSON row per set here")
     args = ap.parse_args()
     if args.threads:
@@ -198,32 +227,19 @@ def main() -> None:
             auto = computed_tokens(plan_call(encoded, None, min_shared=cfg.share_min_tokens,
                                              max_tokens=cfg.max_batch_tokens, max_seqs=cfg.max_batch_seqs), lengths)
             pred = prediction(encoded, keys)
-            plain.score(convs[:8]), shared.score(convs[:8], groups=keys[:8])   # warm-up
-            runs = {"plain": [], "shared": []}
-            for _ in range(args.repeats):
-                for mode, engine, hints in (("plain", plain, None), ("shared", shared, keys)):
-                    wall, cpu, res = timed(engine, convs, hints)
-                    runs[mode].append((wall, cpu))
-                    if mode == "plain":
-                        r_plain = res
-                    else:
-                        r_shared = res
-            t_plain, t_shared = (statistics.median(w for w, _ in runs[m]) for m in ("plain", "shared"))
-            c_plain, c_shared = (statistics.median(c for _, c in runs[m]) for m in ("plain", "shared"))
-            diff = max(abs(a.score - b.score) for a, b in zip(r_plain, r_shared))
+            runs, medians, results = compare_modes({"plain": (plain, None), "shared": (shared, keys)}, convs,
+                                                   args.repeats)
+            (t_plain, c_plain), (t_shared, c_shared) = medians["plain"], medians["shared"]
+            diff = max(abs(a.score - b.score) for a, b in zip(results["plain"], results["shared"]))
             row = {
                 "set": name, "samples": len(encoded), "tokens": total,
                 "computed_shared": with_hints, "computed_shared_auto": auto,
                 "computed_ratio": total / with_hints, "computed_ratio_auto": total / auto,
                 "N": round(pred["N"], 2), "P": round(pred["P"], 1), "R": round(pred["R"], 1),
                 "predicted": round(pred["predicted"], 3), "ideal": round(pred["ideal"], 3),
-                "wall_s_plain": round(t_plain, 2), "wall_s_shared": round(t_shared, 2),
-                "cpu_s_plain": round(c_plain, 2), "cpu_s_shared": round(c_shared, 2),
-                "runs_plain": [[round(w, 2), round(c, 2)] for w, c in runs["plain"]],
-                "runs_shared": [[round(w, 2), round(c, 2)] for w, c in runs["shared"]],
+                **timing_fields(runs, medians, "plain", "shared"),
                 "tokens_per_s_plain": round(total / t_plain), "tokens_per_s_shared": round(total / t_shared),
                 "tokens_per_cpu_s_plain": round(total / c_plain), "tokens_per_cpu_s_shared": round(total / c_shared),
-                "speedup_wall": round(t_plain / t_shared, 3), "speedup_cpu": round(c_plain / c_shared, 3),
                 "max_abs_score_diff": diff,
                 "device": device, "dtype": str(plain.dtype), "family": args.family,
                 "model": f"{args.layers}x{args.hidden}", "commit": commit(),
