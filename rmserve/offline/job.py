@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 from ..engine import EngineConfig
-from .parts import PartStore, ResumeError, check_output, key_hash, output_format
+from .parts import PartStore, ResumeError, check_output, output_format
 from .scoring import RESERVED, build_outputs, encode_rows, score_samples
 from .shapes import ShapeConfig, make_row, parse_raw, resolve
 from .sources import Source, SourceError, open_source
