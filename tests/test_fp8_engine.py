@@ -13,7 +13,7 @@ from rmserve import Engine
 from rmserve.engine import EngineConfig, load_tokenizer
 from rmserve.kernels.fp8_quant import FP8, TORCH_FP8_OPS, per_token_quant_fp8_ref, select_fp8_ops
 from rmserve.loader import load_model
-from rmserve.model.fp8 import QUANTIZED, Fp8Linear, Fp8MLP, Fp8RMSNorm
+from rmserve.model.fp8 import QUANTIZED, Fp8Linear, Fp8MLP, Fp8RMSNorm, quantize_backbone
 
 from .helpers import FAMILIES, random_conversation
 
@@ -59,6 +59,41 @@ def test_quantized_layers_are_the_table(tiny_model):
     assert len(fp8) == len(QUANTIZED) * len(model.backbone.layers)
     assert model.backbone.embed_tokens.weight.dtype == torch.bfloat16
     assert model.backbone.norm.weight.dtype == torch.bfloat16
+
+
+def _subset_engine(path: str, linears) -> Engine:
+    """An FP8 engine with only `linears` (QUANTIZED keys) quantized, as bench/fp8_accuracy.py builds it."""
+    model = load_model(path, dtype=torch.bfloat16)
+    quantize_backbone(model.backbone, "fp8", linears=linears)
+    model.quantization = "fp8"
+    return Engine(model, load_tokenizer(path), EngineConfig(quantization="fp8"))
+
+
+def test_quantize_a_subset_of_the_table(tiny_model, convs):
+    """The per-GEMM ablation's subsets: exactly the named linears become Fp8Linear and exactly their
+    producers quantize (a bf16 linear must get a plain tensor); each subset runs, its scores neither
+    bf16's nor full FP8's; the whole table is the engine's quantization="fp8"."""
+    path = tiny_model("bt")
+    producer_of = {"input_layernorm": (Fp8RMSNorm, "self_attn.qkv_proj"),
+                   "post_attention_layernorm": (Fp8RMSNorm, "mlp.gate_up_proj"), "mlp": (Fp8MLP, "mlp.down_proj")}
+    full = [r.score for r in Engine.from_pretrained(path, device="cpu", quantization="fp8").score(convs)]
+    bf16 = [r.score for r in Engine.from_pretrained(path, device="cpu", dtype="bfloat16").score(convs)]
+    assert full == [r.score for r in _subset_engine(path, tuple(QUANTIZED)).score(convs)]
+    for linears in [(p,) for p in QUANTIZED] + [tuple(q for q in QUANTIZED if q != p) for p in QUANTIZED]:
+        engine = _subset_engine(path, linears)
+        for layer in engine.model.backbone.layers:
+            for p in QUANTIZED:
+                owner, name = p.split(".")
+                lin = getattr(getattr(layer, owner), name)
+                assert isinstance(lin, Fp8Linear) == (p in linears), (linears, p)
+                assert lin.weight.dtype == (FP8 if p in linears else torch.bfloat16)
+            for name, (cls, consumer) in producer_of.items():
+                assert isinstance(getattr(layer, name), cls) == (consumer in linears), (linears, name)
+        scores = [r.score for r in engine.score(convs)]
+        assert scores != bf16 and scores != full, linears
+    for bad in [(), ("self_attn.q_proj",)]:
+        with pytest.raises(ValueError, match="non-empty subset of"):
+            quantize_backbone(load_model(path, dtype=torch.bfloat16).backbone, "fp8", linears=bad)
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["plain", "bias"])

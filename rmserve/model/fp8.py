@@ -83,14 +83,15 @@ class Fp8RMSNorm(nn.Module):
 
 class Fp8MLP(nn.Module):
     """down_proj(SiLU(gate) * up) with the activation quantized per token in the SiLU*up op
-    (built from an MLP whose two linears are already Fp8Linear)."""
+    (built from an MLP whose down_proj is already an Fp8Linear; gate_up_proj is one too, but in the
+    per-GEMM ablation, where it may stay a model-dtype linear fed a plain tensor)."""
     quant_ops: Fp8Ops = TORCH_FP8_OPS
 
     def __init__(self, mlp: MLP):
         super().__init__()
         self.gate_up_proj, self.down_proj = mlp.gate_up_proj, mlp.down_proj
 
-    def forward(self, x: QuantizedRows) -> torch.Tensor:
+    def forward(self, x: QuantizedRows | torch.Tensor) -> torch.Tensor:
         return self.down_proj(QuantizedRows(*self.quant_ops.silu_mul_quant(self.gate_up_proj(x))))
 
 
@@ -120,13 +121,19 @@ def check_fp8(device: torch.device, dtype: torch.dtype) -> None:
                          f"scales on {device} ({e})") from e
 
 
-def quantize_backbone(backbone: Backbone, quantization: str) -> None:
+def quantize_backbone(backbone: Backbone, quantization: str, linears=tuple(QUANTIZED)) -> None:
     """Replaces, in every decoder layer, the linears in QUANTIZED by Fp8Linear (weights quantized
-    here, the model-dtype weights freed) and their input ops by the quantizing ones."""
+    here, the model-dtype weights freed) and their input ops by the quantizing ones.
+    linears: a subset of QUANTIZED's keys to quantize, the others left in the model dtype, with the
+    ops that feed them (bench/fp8_accuracy.py's per-GEMM ablation; the engine always quantizes all)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+    unknown = set(linears) - set(QUANTIZED)
+    if unknown or not linears:
+        raise ValueError(f"linears must be a non-empty subset of {tuple(QUANTIZED)}, got {tuple(linears)}")
+    producers = {QUANTIZED[path] for path in linears} - {"per-token"}
     for layer in backbone.layers:
-        for path in QUANTIZED:
+        for path in linears:
             owner, name = path.split(".")
             module = getattr(layer, owner)
             linear = getattr(module, name)
@@ -134,8 +141,8 @@ def quantize_backbone(backbone: Backbone, quantization: str) -> None:
                 raise ValueError(f"quantization='fp8' on CUDA needs {path}'s sizes to be multiples of 16 (torch."
                                  f"_scaled_mm), got {linear.out_features} x {linear.in_features}")
             setattr(module, name, Fp8Linear(linear))
-        for name, cls in _PRODUCERS.items():
-            setattr(layer, name, cls(getattr(layer, name)))
+        for name in producers:     # only a quantized linear's producer: nn.Linear takes no QuantizedRows
+            setattr(layer, name, _PRODUCERS[name](getattr(layer, name)))
 
 
 def use_fp8_ops(backbone: Backbone, ops: Fp8Ops) -> None:
