@@ -42,16 +42,21 @@ predicts (below), best-of-N top-1 agreement, and CPU seconds per engine. JSON to
 Counting flips is noisy (200 pairs at 95% agreement: a standard error of 1.5 points). The margin error (engine's
 chosen-minus-rejected margin minus the reference's) is measured on every pair: with it ~N(0, s),
 pair i flips with probability Phi(-|m_i| / s), so the expected agreement is 1 - mean_i Phi(-|m_i| / s)
-(bootstrap interval over pairs), and s / s_target, where s_target gives 99.5% on the same margins,
-says how far the engine is from the target. The GEMMs' errors add in variance, so the ablation
-reports each engine's share of the full FP8 margin-error variance (paired on the same pairs: far
-less noisy than either agreement).
+(bootstrap interval over pairs). What transfers to another model is r = s / std(m), the margin error
+over the margins' spread: were the margins ~N(0, std(m)) too, a pair flips with probability
+arctan(r) / pi, so the agreement is 1 - arctan(r / k) / pi for a model whose margins are k times larger
+against the same error (k = 1, 3, 10 printed: a prediction, not a measurement), and 99.5% needs
+k >= r / tan(0.005 pi) = r / 0.0157 (printed as "margins needed"). (Scaling the measured margins
+instead is ruled by the one or two near-tied pairs of 100, which flip about half the time while
+k |m| << s.) The GEMMs' errors add in variance, so the ablation reports each engine's share of the
+full FP8 margin-error variance (paired on the same pairs: far less noisy than either agreement).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import subprocess
@@ -243,9 +248,11 @@ def top1_agreement(a: list, b: list, keys: list) -> float | None:
 # reference's plus an error; with that error ~ N(0, sigma), sigma its std over the pairs, the pair i
 # flips with probability Phi(-|m_i| / sigma), m_i the reference margin. The expected agreement
 # 1 - mean_i Phi(-|m_i| / sigma) uses every pair's error, not only the few that flip; its interval
-# is a bootstrap over the pairs (sigma and the margins resampled together). TARGET_SIGMA is the
-# sigma at which the expected agreement is the target on these margins.
+# is a bootstrap over the pairs (sigma and the margins resampled together). The Gaussian-margin
+# model (docstring) turns r = sigma / std(m) into the agreement at margins MARGIN_SCALES times larger,
+# and into the margin scale at which it reaches TARGET.
 TARGET = 0.995
+MARGIN_SCALES = (1, 3, 10)
 NORMAL = torch.distributions.Normal(0.0, 1.0)
 
 
@@ -259,18 +266,10 @@ def expected_agreement(margins: torch.Tensor, sigma: float) -> float:
     return 1 - NORMAL.cdf(-margins.abs() / sigma).mean().item()
 
 
-def target_sigma(margins: torch.Tensor, target: float = TARGET) -> float:
-    lo, hi = 1e-9, float(margins.abs().max()) * 100
-    for _ in range(100):   # bisection in log space: expected_agreement falls as sigma grows
-        mid = (lo * hi) ** 0.5
-        lo, hi = (mid, hi) if expected_agreement(margins, mid) > target else (lo, mid)
-    return (lo * hi) ** 0.5
-
-
 def margin_stats(got: list, ref: list, boot: int = 1000) -> dict:
     """Pair margins of `got` against `ref` (pairs the reference ties left out): flips counted (Wilson
-    interval), the margin error's std, the expected agreement (bootstrap interval) and the error over
-    the target's sigma."""
+    interval), the margin error's std, the expected agreement (bootstrap interval), and the Gaussian-
+    margin model's agreement at margins MARGIN_SCALES times larger and margin scale for TARGET."""
     a, b = torch.tensor(got, dtype=torch.float64), torch.tensor(ref, dtype=torch.float64)
     m_got, m_ref = a[0::2] - a[1::2], b[0::2] - b[1::2]
     ties = int((m_ref == 0).sum())   # bf16-rounded scores can tie: no preferred side to keep, left out
@@ -278,6 +277,7 @@ def margin_stats(got: list, ref: list, boot: int = 1000) -> dict:
     n, err = len(m_ref), m_got - m_ref
     k = int(((m_got > 0) == (m_ref > 0)).sum())
     sigma = err.std().item()
+    r = sigma / m_ref.std().item()
     g = torch.Generator().manual_seed(0)
     draws = []
     for _ in range(boot):
@@ -285,10 +285,11 @@ def margin_stats(got: list, ref: list, boot: int = 1000) -> dict:
         draws.append(expected_agreement(m_ref[i], err[i].std().item()))
     draws = torch.tensor(draws)
     return {"pairs": n, "ties_left_out": ties, "agree": k / n, "agree_ci95": wilson(k, n), "margin_err_std": sigma,
-            "margin_err_over_margin_std": sigma / m_ref.std().item(),
+            "margin_err_over_margin_std": r,
             "expected_agree": expected_agreement(m_ref, sigma),
             "expected_agree_ci95": (draws.quantile(0.025).item(), draws.quantile(0.975).item()),
-            "target_sigma": target_sigma(m_ref), "margin_err_over_target": sigma / target_sigma(m_ref)}
+            "gaussian_agree_at_margins_x": {k: 1 - math.atan(r / k) / math.pi for k in MARGIN_SCALES},
+            "margins_needed_for_target": r / math.tan(math.pi * (1 - TARGET))}
 
 
 def compare(sc: dict, name: str, keys: list) -> dict:
@@ -390,9 +391,10 @@ def main() -> None:
     pct = lambda v, d=1: "-" if v is None else f"{100 * v:.{d}f}"   # noqa: E731
     ci = lambda lo_hi: f"[{pct(lo_hi[0])}, {pct(lo_hi[1])}]"   # noqa: E731
     print(f"| head | engine | vs | score err std / score std | margin err std / margin std | pair agreement % [95% CI] "
-          f"| expected from margin err % [95% CI] | margin err / {TARGET:.1%} budget | share of fp8's margin err "
+          f"| expected from margin err % [95% CI] | Gaussian margins: predicted % at margins "
+          f"x{' / x'.join(map(str, MARGIN_SCALES))} | margins needed for {TARGET:.1%} | share of fp8's margin err "
           "variance | best-of-15 top-1 % |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         for ref in ("bf16", "fp32"):
             if ref in r:
@@ -401,7 +403,9 @@ def main() -> None:
                 print(f"| {r['head']} | {r['engine']} | {ref} | {pct(c['score_err_std_over_std'], 2)}% | "
                       f"{pct(c['margin_err_over_margin_std'], 2)}% | {pct(c['agree'])} {ci(c['agree_ci95'])} | "
                       f"{pct(c['expected_agree'], 2)} {ci(c['expected_agree_ci95'])} | "
-                      f"{c['margin_err_over_target']:.2f} | {pct(share, 0)} | {pct(c['top1_agree'])} |")
+                      f"{' / '.join(pct(v, 2) for v in c['gaussian_agree_at_margins_x'].values())} | "
+                      f"x{c['margins_needed_for_target']:.1f} | {pct(share, 0)} | "
+                      f"{pct(c['top1_agree'])} |")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=2)
