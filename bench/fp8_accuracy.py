@@ -230,11 +230,6 @@ def run(path: str, sets: dict, name: str, device: str) -> tuple[dict, float, dic
     return scores, seconds, stats, tokens
 
 
-def pair_agreement(a: list, b: list) -> float:
-    same = [(a[i] > a[i + 1]) == (b[i] > b[i + 1]) for i in range(0, len(a), 2)]
-    return sum(same) / len(same)
-
-
 def top1_agreement(a: list, b: list, keys: list) -> float | None:
     best_a, best_b = {}, {}
     for i, k in enumerate(keys):
@@ -276,7 +271,7 @@ def margin_stats(got: list, ref: list, boot: int = 1000) -> dict:
     ties = int((m_ref == 0).sum())   # bf16-rounded scores can tie: no preferred side to keep, left out
     m_got, m_ref = m_got[m_ref != 0], m_ref[m_ref != 0]
     n, err = len(m_ref), m_got - m_ref
-    k = int(((m_got > 0) == (m_ref > 0)).sum())
+    same = int(((m_got > 0) == (m_ref > 0)).sum())
     sigma = err.std().item()
     r = sigma / m_ref.std().item()
     g = torch.Generator().manual_seed(0)
@@ -285,8 +280,8 @@ def margin_stats(got: list, ref: list, boot: int = 1000) -> dict:
         i = torch.randint(n, (n,), generator=g)
         draws.append(expected_agreement(m_ref[i], err[i].std().item()))
     draws = torch.tensor(draws)
-    return {"pairs": n, "ties_left_out": ties, "agree": k / n, "agree_ci95": wilson(k, n), "margin_err_std": sigma,
-            "margin_err_over_margin_std": r,
+    return {"pairs": n, "ties_left_out": ties, "agree": same / n, "agree_ci95": wilson(same, n),
+            "margin_err_std": sigma, "margin_err_over_margin_std": r,
             "expected_agree": expected_agreement(m_ref, sigma),
             "expected_agree_ci95": (draws.quantile(0.025).item(), draws.quantile(0.975).item()),
             "gaussian_agree_at_margins_x": {k: 1 - math.atan(r / k) / math.pi for k in MARGIN_SCALES},
