@@ -164,9 +164,9 @@ def fit_probe(path: str, calibration: list, device: str) -> str:
     engine = Engine.from_pretrained(path, device=device, **engine_settings("fp32", device))
     caught, packed = [], engine.model.head.packed
 
-    def catch(hidden, last_idx, gate_idx):
+    def catch(hidden, last_idx, *rest):   # rest: gate_idx, step_idx (heads/fused.py: packed)
         caught.append(hidden[last_idx].float())
-        return packed(hidden, last_idx, gate_idx)
+        return packed(hidden, last_idx, *rest)
 
     engine.model.head.packed = catch
     engine.score(calibration)
