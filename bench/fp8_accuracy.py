@@ -6,8 +6,8 @@ beside bf16, both against fp32, on real preference pairs and best-of-N groups.
     # the study in bench/RESULTS.md (per-GEMM ablation; depth 2 and 4), 100 pairs, no groups:
     nice -n 10 python bench/fp8_accuracy.py --layers 1 --pairs 100 --groups 0 --engines fp8,ablation,fp32
     nice -n 10 python bench/fp8_accuracy.py --layers 4 --pairs 100 --groups 0 --engines bf16,fp8,fp32
-    # not measured yet: the same without the built-in outliers
-    nice -n 10 python bench/fp8_accuracy.py --layers 1 --pairs 100 --groups 0 --engines fp8 --outliers none
+    # the same without the built-in outliers
+    nice -n 10 python bench/fp8_accuracy.py --layers 1 --pairs 100 --groups 0 --engines fp8,fp32 --outliers none
 
 Model: a random URM-family checkpoint (its `means` are linear readouts of the last token's final
 hidden state, so one forward scores several heads) with Llama-3-8B's layer shape (hidden 4096, 32 query /
