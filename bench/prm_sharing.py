@@ -53,9 +53,11 @@ def prm_tokenizer_dir(out: str) -> str:
     src = os.path.join(DATA, "qwen3-tokenizer")
     with open(os.path.join(src, "tokenizer.json"), encoding="utf-8") as f:
         tok = json.load(f)
-    for added in tok["added_tokens"]:
-        if added["id"] == STEP_TOKEN_ID:
-            old, added["content"] = added["content"], PRM_STEP_TOKEN
+    named = [added for added in tok["added_tokens"] if added["id"] == STEP_TOKEN_ID]
+    if not named:
+        raise SystemExit(f"{src}: no added token {STEP_TOKEN_ID} to name {PRM_STEP_TOKEN} (this benchmark needs the "
+                         "Qwen tokenizer of ../shared/data)")
+    old, named[0]["content"] = named[0]["content"], PRM_STEP_TOKEN
     with open(os.path.join(src, "tokenizer_config.json"), encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["added_tokens_decoder"][str(STEP_TOKEN_ID)]["content"] = PRM_STEP_TOKEN
