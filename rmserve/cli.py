@@ -6,7 +6,7 @@ import sys
 
 from .eval.cli import add_parser as add_eval_parser
 from .flags import (HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_quantization_flags,
-                    add_step_flags)
+                    add_step_flags, engine_settings)
 from .server.main import add_parser as add_serve_parser
 
 
@@ -24,12 +24,7 @@ def _score(args: argparse.Namespace) -> int:
                             responses_field=args.responses_field, chosen_field=args.chosen_field,
                             rejected_field=args.rejected_field, group_field=args.group_field,
                             keep=tuple(k for k in (args.keep or "").split(",") if k))
-        engine = EngineConfig(dtype=args.dtype, device=args.device, attention=args.attention,
-                              max_batch_tokens=args.max_batch_tokens, max_batch_seqs=args.max_batch_seqs,
-                              bos=args.bos, max_length=args.max_length, kernels=args.kernels,
-                              share_prefix=not args.no_share_prefix, quantization=args.quantization,
-                              quant_kernels=args.quant_kernels, template_date=args.template_date,
-                              step_aggregation=args.step_aggregation, step_separator=args.step_separator)
+        engine = EngineConfig(**engine_settings(args), share_prefix=not args.no_share_prefix)
         config = JobConfig(args.input, args.output, args.model, format=args.format, split=args.split,
                            shape=shape, engine=engine, part_rows=args.part_rows, samples=args.samples,
                            seed=args.seed, quiet=args.quiet,

@@ -30,6 +30,19 @@ class HelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The EngineConfig settings among parsed flags: every flag the add_*_flags functions here add is
+    named after the EngineConfig field it sets (--max-batch-tokens -> max_batch_tokens), so a
+    subcommand passes what it parsed as EngineConfig(**engine_settings(args)) and a new flag needs no
+    second list to reach the engine."""
+    from dataclasses import fields
+
+    from .engine import EngineConfig
+
+    names = {f.name for f in fields(EngineConfig)}
+    return {name: value for name, value in vars(args).items() if name in names}
+
+
 def add_model_flag(parser) -> None:
     """--model, the same for every subcommand that loads one."""
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<preset> (see README)")

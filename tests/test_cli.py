@@ -63,6 +63,17 @@ def test_flag_choices_are_the_engine_s():
     assert flags.QUANTIZATION == QUANTIZATIONS and flags.QUANT_KERNELS == FP8_KERNEL_CHOICES
 
 
+def test_every_engine_flag_reaches_the_engine():
+    """The shared engine flags are named after EngineConfig fields, so engine_settings passes each
+    one on: a flag whose name matched no field would be parsed and silently dropped."""
+    parser = argparse.ArgumentParser()
+    for add in (flags.add_engine_flags, flags.add_kernel_flags, flags.add_quantization_flags, flags.add_step_flags):
+        add(parser)
+    args = parser.parse_args([])
+    assert set(engine_settings := flags.engine_settings(args)) == set(vars(args))
+    assert engine_settings["max_batch_tokens"] == 16384 and engine_settings["template_date"] == flags.TEMPLATE_DATE
+
+
 def test_help_imports_no_torch():
     """`rmserve --help` took 3 s when the package imported torch at start; the CLI module and the
     package import it only inside a subcommand, or on first use of rmserve.Engine and the like

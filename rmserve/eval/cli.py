@@ -38,14 +38,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..device_check import check_device
     from ..engine import EngineConfig
+    from ..flags import engine_settings
     from ..offline import EXIT_REFUSED, ResumeError, SourceError
     from .job import EvalConfig, report, run_eval
 
     try:
         check_device(args.device)
-        engine = EngineConfig(dtype=args.dtype, device=args.device, attention=args.attention, bos=args.bos,
-                              max_batch_tokens=args.max_batch_tokens, max_length=args.max_length,
-                              kernels=args.kernels, template_date=args.template_date)
+        engine = EngineConfig(**engine_settings(args))
         config = EvalConfig(args.benchmark, args.output, args.model, input=args.input, split=args.split,
                             format=args.format, engine=engine, part_rows=args.part_rows, quiet=args.quiet,
                             overwrite=args.overwrite)

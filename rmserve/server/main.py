@@ -62,17 +62,14 @@ def serve(args: argparse.Namespace) -> int:
     from ..async_engine import AsyncEngine, BatchingConfig
     from ..device_check import check_device
     from ..engine import Engine
+    from ..flags import engine_settings
 
     if args.max_items > args.max_pending:
         print(f"--max-items ({args.max_items}) cannot exceed --max-pending ({args.max_pending})", file=sys.stderr)
         return 2
     try:
         check_device(args.device)
-        engine = Engine.from_pretrained(args.model, dtype=args.dtype, device=args.device, bos=args.bos,
-                                        max_length=args.max_length, max_batch_tokens=args.max_batch_tokens,
-                                        quantization=args.quantization, quant_kernels=args.quant_kernels,
-                                        template_date=args.template_date, step_aggregation=args.step_aggregation,
-                                        step_separator=args.step_separator)
+        engine = Engine.from_pretrained(args.model, **engine_settings(args))
     except ValueError as e:   # ConfigError, CheckpointError, a bad setting: one line, not a traceback
         print(f"rmserve serve: {e}", file=sys.stderr)
         return 2
