@@ -11,7 +11,7 @@ one is refused as an input error (engine.length_limit).
 """
 from __future__ import annotations
 
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -53,9 +53,7 @@ def probe_batch(num_tokens: int, seqlen: int, needs_gate: bool, device: torch.de
         rows = [torch.arange(int(a), int(b)).repeat(key_factor) for a, b in zip(cu[:-1], cu[1:])]
         batch = replace(batch, kv_idx=torch.cat(rows), cu_seqlens_k=(cu * key_factor).to(torch.int32),
                         max_seqlen_k=key_factor * batch.max_seqlen)
-    moved = {f.name: getattr(batch, f.name).to(device) for f in fields(batch)
-             if isinstance(getattr(batch, f.name), torch.Tensor)}
-    return replace(batch, **moved)
+    return batch.to(device)
 
 
 def bytes_per_token(forward: Callable[[PackedBatch], dict], needs_gate: bool, device: torch.device,

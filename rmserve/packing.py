@@ -1,7 +1,7 @@
 """Packed batches: no padding inside sequences, and the length-aware batch planner."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Sequence
 
 import torch
@@ -47,6 +47,16 @@ class PackedBatch:
     def num_tokens(self) -> int:
         return self.tokens.numel()
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "PackedBatch":
+        """This batch with every tensor on `device`; non_blocking (a host batch going to CUDA):
+        each tensor through pinned memory, so the copies run asynchronously."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                moved[f.name] = (value.pin_memory() if non_blocking else value).to(device, non_blocking=non_blocking)
+        return replace(self, **moved)
+
 
 def pack(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | None = None,
          device: torch.device | str = "cpu", steps: Sequence[Sequence[int]] | None = None) -> PackedBatch:
@@ -68,15 +78,8 @@ def pack(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | None = Non
     step_idx = None
     if steps is not None:
         step_idx = torch.tensor([int(cu[i]) + p for i, ps in enumerate(steps) for p in ps], dtype=torch.int64)
-    return PackedBatch(
-        tokens=tokens.to(device),
-        positions=positions.to(device),
-        cu_seqlens=cu.to(torch.int32).to(device),
-        max_seqlen=int(lengths.max()),
-        last_idx=(cu[1:] - 1).to(device),
-        gate_idx=None if gate_idx is None else gate_idx.to(device),
-        step_idx=None if step_idx is None else step_idx.to(device),
-    )
+    return PackedBatch(tokens=tokens, positions=positions, cu_seqlens=cu.to(torch.int32), max_seqlen=int(lengths.max()),
+                       last_idx=cu[1:] - 1, gate_idx=gate_idx, step_idx=step_idx).to(device)
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_seqs: int | None = None) -> list[list[int]]:

@@ -23,7 +23,6 @@ import copy
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, replace
 from itertools import islice
 from typing import Any, Hashable, Iterable, Iterator, Sequence
 
@@ -78,9 +77,7 @@ def to_device(batch: PackedBatch, device: torch.device) -> PackedBatch:
     """A host batch on `device`: through pinned memory and non-blocking copies on CUDA."""
     if device.type != "cuda":
         return batch
-    moved = {f.name: getattr(batch, f.name).pin_memory().to(device, non_blocking=True)
-             for f in fields(batch) if isinstance(getattr(batch, f.name), torch.Tensor)}
-    return replace(batch, **moved)
+    return batch.to(device, non_blocking=True)
 
 
 class InFlight:

@@ -255,18 +255,14 @@ def pack_shared(seqs: Sequence[Sequence[int]], gates: Sequence[int | None] | Non
     offsets = torch.cumsum(lens, 0) - lens
     total_k = int(lens.sum())
     kv_idx = torch.arange(total_k, dtype=torch.int64) + torch.repeat_interleave(starts - offsets, lens)
+    i64 = dict(dtype=torch.int64)
     return PackedBatch(
-        tokens=torch.tensor(tokens, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        cu_seqlens=cumsum(q_lens).to(device),
-        max_seqlen=max(q_lens),
-        last_idx=torch.tensor(last, dtype=torch.int64, device=device),
-        gate_idx=torch.tensor(gate, dtype=torch.int64, device=device) if gates is not None else None,
-        step_idx=torch.tensor(step, dtype=torch.int64, device=device) if steps is not None else None,
-        kv_idx=kv_idx.to(device),
-        cu_seqlens_k=cumsum(k_lens).to(device),
-        max_seqlen_k=max(k_lens),
-    )
+        tokens=torch.tensor(tokens, **i64), positions=torch.tensor(positions, **i64), cu_seqlens=cumsum(q_lens),
+        max_seqlen=max(q_lens), last_idx=torch.tensor(last, **i64),
+        gate_idx=torch.tensor(gate, **i64) if gates is not None else None,
+        step_idx=torch.tensor(step, **i64) if steps is not None else None,
+        kv_idx=kv_idx, cu_seqlens_k=cumsum(k_lens), max_seqlen_k=max(k_lens),
+    ).to(device)
 
 
 def plan_call(encoded: Sequence[Encoded], groups: Sequence[Hashable | None] | None, *, min_shared: int,
