@@ -14,8 +14,8 @@ from .inputs import TEMPLATE_DATE, Encoded, InputError, Preprocessor, parse_temp
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import select_attention
-from .packing import PackedBatch, pack
-from .prefix import Limits
+from .packing import PackedBatch
+from .prefix import Limits, pack_samples
 from .results import ResultMaker, ScoreResult
 from .sampling import add_samples, check_sampling
 from .steps import DEFAULT_AGGREGATION, check_rule, check_separator, step_format
@@ -294,9 +294,8 @@ class Engine:
                                      self.results, cfg.lookahead, cfg.tokenizer_threads)
 
     def make_batch(self, items: Sequence[Encoded]) -> PackedBatch:
-        gates = [e.gate for e in items] if self.model.head.needs_gate else None
-        steps = [e.steps for e in items] if self.model_forward.needs_steps else None
-        return pack([e.ids for e in items], gates, device=self.device, steps=steps)
+        """One plain packed batch of `items` on the engine's device (for benchmarks and tests)."""
+        return pack_samples(items, self.model_forward.needs_gate, self.model_forward.needs_steps, device=self.device)
 
     def forward(self, batch: PackedBatch) -> dict[str, torch.Tensor]:
         """One packed batch on the engine's device -> the head's outputs (fp32, on the device): a CUDA

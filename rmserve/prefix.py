@@ -297,13 +297,21 @@ class PlannedBatch:
         return any(g.prefix for g in self.groups)
 
     def pack(self, needs_gate: bool, needs_steps: bool = False) -> PackedBatch:
-        """The packed batch on the host: pack_shared's layout when a group shares, else pack's."""
-        seqs = [e.ids for e in self.samples]
-        gates = [e.gate for e in self.samples] if needs_gate else None
-        steps = [e.steps for e in self.samples] if needs_steps else None
-        if self.shared:
-            return pack_shared(seqs, gates, self.groups, steps=steps)
-        return pack(seqs, gates, steps=steps)
+        """The packed batch on the host (pack_samples)."""
+        return pack_samples(self.samples, needs_gate, needs_steps, self.groups)
+
+
+def pack_samples(samples: Sequence[Encoded], needs_gate: bool, needs_steps: bool = False,
+                 groups: Sequence[Group] = (), device: torch.device | str = "cpu") -> PackedBatch:
+    """Encoded samples -> one packed batch carrying the rows the head reads (gating positions when
+    needs_gate, step positions when needs_steps): pack_shared's layout when one of `groups` (over
+    the samples, in order) shares a prompt, else pack's."""
+    seqs = [e.ids for e in samples]
+    gates = [e.gate for e in samples] if needs_gate else None
+    steps = [e.steps for e in samples] if needs_steps else None
+    if any(g.prefix for g in groups):
+        return pack_shared(seqs, gates, groups, device, steps)
+    return pack(seqs, gates, device, steps)
 
 
 def plan_samples(items: Sequence[tuple[Hashable, Encoded]], hints: Sequence[Hashable | None] | None,
