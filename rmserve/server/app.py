@@ -249,6 +249,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def _too_large(request: Request, e: RequestTooLarge):
         return refuse(422, "invalid_request", str(e))
 
+    def check_model(name: str | None) -> None:
+        """A request's `model`, when given, must name the served one (404 otherwise)."""
+        if name is not None and name != config.model_name:
+            raise ClientError(404, "unknown_model", f"model '{name}' is not served here; this server serves "
+                                                    f"'{config.model_name}' (set --served-model-name to the "
+                                                    "name your client sends)")
+
     def check_count(n: int, what: str) -> None:
         if n > config.max_items:
             raise ClientError(422, "invalid_request", f"{n} {what} in one request; at most {config.max_items}")
@@ -266,9 +273,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/score", response_model=ScoreResponse, response_model_exclude_none=True, responses=ERRORS)
     async def score(body: ScoreRequest) -> ScoreResponse:
         """Score conversations: each one's score and the family's head outputs, in request order."""
-        if body.model is not None and body.model != config.model_name:
-            raise ClientError(404, "unknown_model", f"model '{body.model}' is not served here; "
-                                                    f"this server serves '{config.model_name}'")
+        check_model(body.model)
         check_count(len(body.conversations), "conversations")
         if body.samples > config.max_samples:
             raise ClientError(422, "invalid_request", f"samples={body.samples}; at most {config.max_samples}")
@@ -313,7 +318,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
 
     from .pooling import add_routes   # here: pooling.py imports this module
 
-    add_routes(app, engine, config, check_count, check_chars, count_item_errors)   # /classify, /v1/embeddings
+    # /classify and /v1/embeddings
+    add_routes(app, engine, config, check_model, check_count, check_chars, count_item_errors)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():

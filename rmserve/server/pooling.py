@@ -161,8 +161,10 @@ def split_inputs(value) -> tuple[list[str], list[list[int]]]:
     return [], [list(v) for v in value]
 
 
-def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_count, check_chars, count_item_errors):
-    """Adds /classify and /v1/embeddings to `app` (create_app's size checks and error counter passed in)."""
+def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_served_model, check_count, check_chars,
+               count_item_errors):
+    """Adds /classify and /v1/embeddings to `app` (create_app's model-name and size checks and its
+    error counter passed in)."""
     spec = engine.engine.spec
 
     def check_model(name: str | None) -> None:
@@ -170,10 +172,7 @@ def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_count, chec
             raise ClientError(422, "invalid_request", "a process reward model gives one reward per step, which "
                                                       "these shapes cannot carry; use /v1/score (step_rewards and "
                                                       "score) or /get_reward (score)")
-        if name is not None and name != config.model_name:
-            raise ClientError(404, "unknown_model", f"model '{name}' is not served here; this server serves "
-                                                    f"'{config.model_name}' (set --served-model-name to the "
-                                                    "name your client sends)")
+        check_served_model(name)
 
     async def score_inputs(value) -> list[ScoreResult]:
         texts, ids = split_inputs(value)
