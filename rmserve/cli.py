@@ -5,8 +5,8 @@ import argparse
 import sys
 
 from .eval.cli import add_parser as add_eval_parser
-from .flags import (HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_quantization_flags,
-                    add_step_flags, engine_settings)
+from .flags import (HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_output_flags,
+                    add_quantization_flags, add_step_flags, engine_settings)
 from .server.main import add_parser as add_serve_parser
 
 
@@ -61,12 +61,9 @@ def _add_score(sub) -> None:
                        formatter_class=HelpFormatter)
     s.add_argument("input", help=".jsonl, .jsonl.gz, .parquet, a datasets directory, or hf:<name>[:<split>]")
     add_model_flag(s)
-    s.add_argument("--output", required=True,
-                   help="the output file: .parquet, or .jsonl/.json/.ndjson (or any name with --format), in an "
-                        "existing directory; parts go to OUTPUT.parts/ meanwhile")
-    s.add_argument("--format", choices=["parquet", "jsonl"], default=None,
-                   help="output format (default: from the --output name)")
-    s.add_argument("--split", default=None, help="split of a datasets directory or hub dataset (hub default: train)")
+    add_output_flags(s, "the output file: .parquet, or .jsonl/.json/.ndjson (or any name with --format), in an "
+                        "existing directory; parts go to OUTPUT.parts/ meanwhile",
+                     "split of a datasets directory or hub dataset (hub default: train)")
     g = s.add_argument_group("row shape")
     g.add_argument("--shape", default="auto", choices=["auto", "messages", "prompt_response", "pair", "multi"],
                    help="row shape (see README); auto: from the first well-formed row's columns")

@@ -48,6 +48,14 @@ def add_model_flag(parser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory, hub id, or tiny:<preset> (see README)")
 
 
+def add_output_flags(parser, output_help: str, split_help: str) -> None:
+    """--output, --format and --split, the same for the jobs that read a dataset and write scores."""
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--format", choices=["parquet", "jsonl"], default=None,
+                        help="output format (default: from the --output name)")
+    parser.add_argument("--split", default=None, help=split_help)
+
+
 def add_engine_flags(group, bos_note: str | None = None) -> None:
     """The engine settings every subcommand that loads a model takes (EngineConfig fields).
     bos_note: what the subcommand adds to --bos's help."""

@@ -6,7 +6,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from ..flags import HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag
+    from ..flags import HelpFormatter, add_engine_flags, add_kernel_flags, add_model_flag, add_output_flags
 
     e = sub.add_parser("eval", help="run a reward-model benchmark (RewardBench, RewardBench 2)",
                        description="Score a benchmark as one resumable offline job and print its official scores.")
@@ -19,12 +19,9 @@ def add_parser(sub) -> None:
         b.add_argument("input", nargs="?", default=None,
                        help=f".jsonl, .parquet, a datasets directory or hf:<name>[:<split>] (default: {hub})")
         add_model_flag(b)
-        b.add_argument("--output", required=True,
-                       help="per-row scores: .parquet, or .jsonl (or any name with --format), in an existing "
-                            "directory; OUTPUT.results.json beside it")
-        b.add_argument("--format", choices=["parquet", "jsonl"], default=None,
-                       help="output format (default: from the --output name)")
-        b.add_argument("--split", default=None, help="split of a datasets directory or hub dataset")
+        add_output_flags(b, "per-row scores: .parquet, or .jsonl (or any name with --format), in an existing "
+                            "directory; OUTPUT.results.json beside it",
+                         "split of a datasets directory or hub dataset")
         g = b.add_argument_group("engine")
         add_engine_flags(g, bos_note="the official runner's transformers pipeline is 'tokenizer'")
         add_kernel_flags(g)
