@@ -208,7 +208,7 @@ class Preprocessor:
         for i, conv in enumerate(conversations):
             try:
                 if isinstance(conv, (list, tuple)) and conv and all(isinstance(t, int) for t in conv):
-                    out[i] = self.finish(list(conv))
+                    out[i] = self.finish_token_ids(conv)
                     continue
                 messages = check_conversation(conv, steps=self.steps is not None)
                 count = None
@@ -229,14 +229,19 @@ class Preprocessor:
             out[i] = enc
         return out  # type: ignore[return-value]
 
+    def finish_token_ids(self, ids: Sequence[int]) -> Encoded:
+        """A token-id sample a client tokenized itself -> Encoded (or raises InputError). bos="one"
+        holds it to exactly one BOS as it does texts (added when missing, never doubled); the other
+        policies take the ids as given. Every path that takes token ids (Engine.score, the offline job,
+        the server's routes) comes here, so the same ids get the same score on each."""
+        return self.finish(self._apply_bos(list(ids)) if ids else [])
+
     def encode_token_ids(self, samples: Sequence[Sequence[int]]) -> list[Encoded | InputError]:
-        """Token-id samples a client tokenized itself -> Encoded or the error. bos="one" holds them to
-        exactly one BOS as it does texts (added when missing, never doubled); the other policies take
-        the ids as given."""
+        """Token-id samples -> Encoded or the error (see finish_token_ids)."""
         out: list[Encoded | InputError] = []
         for ids in samples:
             try:
-                out.append(self.finish(self._apply_bos(list(ids)) if ids else []))
+                out.append(self.finish_token_ids(ids))
             except InputError as e:
                 out.append(e)
         return out

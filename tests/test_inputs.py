@@ -60,6 +60,15 @@ def test_pre_tokenized_input(tiny_model):
     by_ids = engine.score([list(enc.ids)])[0]
     by_conv = engine.score([CONV])[0]
     assert by_ids.ok and by_ids.score == by_conv.score   # same single-sample batch: bitwise equal
+    # the BOS policy holds for ids as for texts (and as the server's routes hold it): bos="one" adds a
+    # missing BOS and never doubles one; bos="template" takes the ids as given
+    bos, body = enc.ids[0], list(enc.ids[1:])
+    assert bos == engine.preprocessor.bos_id
+    for ids in (body, [bos, bos] + body):
+        assert engine.score([ids])[0].score == by_conv.score
+    as_given = Preprocessor(engine.preprocessor.tokenizer, bos="template", max_length=10_000, needs_gate=True)
+    for ids in (body, [bos, bos] + body):
+        assert as_given.encode_many([ids])[0].ids == tuple(ids)
     # ids outside the vocabulary are refused before they reach the model
     vocab = engine.spec.vocab_size
     for ids in ([1, 2, vocab], [-1, 2, 3]):
