@@ -265,6 +265,19 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             raise ClientError(422, "invalid_request",
                               f"{where} has {n} characters; at most {config.max_sample_chars} per sample")
 
+    def check_texts(texts: list[str], name: str, padding: tuple[str, ...] = ()) -> list[str]:
+        """Rendered texts from a request -> the texts to tokenize: each within the character limit,
+        stripped of `padding` (a trainer's pad strings, /get_reward's --strip-padding), and not empty."""
+        out = []
+        for i, text in enumerate(texts):
+            check_chars(len(text), f"{name}[{i}]")
+            text = strip_padding(text, padding)
+            if not text.strip():
+                raise ClientError(422, "invalid_request",
+                                  f"{name}[{i}] is empty" + (" once padding is removed" if padding else ""))
+            out.append(text)
+        return out
+
     def count_item_errors(items: list) -> None:
         bad = sum(1 for it in items if it.error is not None)
         if bad:
@@ -300,13 +313,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         """OpenRLHF's remote reward model: `{"query": [texts]}` -> `{"rewards": [...]}`. Texts are
         already rendered with the chat template; they are tokenized under the server's BOS policy."""
         check_count(len(body.query), "queries")
-        for i, text in enumerate(body.query):
-            check_chars(len(text), f"query[{i}]")
-        texts = [strip_padding(t, config.strip_padding) for t in body.query]
-        for i, text in enumerate(texts):
-            if not text.strip():
-                raise ClientError(422, "invalid_request", f"query[{i}] is empty once padding is removed")
-        results = await engine.score_texts(texts)
+        results = await engine.score_texts(check_texts(body.query, "query", config.strip_padding))
         items = [to_item(i, r) for i, r in enumerate(results)]
         for it in items:
             if it.error is None and it.score is None:
@@ -319,7 +326,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     from .pooling import add_routes   # here: pooling.py imports this module
 
     # /classify and /v1/embeddings
-    add_routes(app, engine, config, check_model, check_count, check_chars, count_item_errors)
+    add_routes(app, engine, config, check_model, check_count, check_chars, check_texts, count_item_errors)
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health}})
     async def health():

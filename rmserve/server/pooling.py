@@ -162,9 +162,9 @@ def split_inputs(value) -> tuple[list[str], list[list[int]]]:
 
 
 def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_served_model, check_count, check_chars,
-               count_item_errors):
-    """Adds /classify and /v1/embeddings to `app` (create_app's model-name and size checks and its
-    error counter passed in)."""
+               check_texts, count_item_errors):
+    """Adds /classify and /v1/embeddings to `app` (create_app's model-name, size and text checks and
+    its error counter passed in)."""
     spec = engine.engine.spec
 
     def check_model(name: str | None) -> None:
@@ -177,10 +177,7 @@ def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_served_mode
     async def score_inputs(value) -> list[ScoreResult]:
         texts, ids = split_inputs(value)
         check_count(len(texts) + len(ids), "inputs")
-        for i, text in enumerate(texts):
-            check_chars(len(text), f"input[{i}]")
-            if not text.strip():
-                raise ClientError(422, "invalid_request", f"input[{i}] is empty")
+        texts = check_texts(texts, "input")
         return await (engine.score_texts(texts) if texts else engine.score_token_ids(ids))
 
     def vectors(results: list[ScoreResult]) -> list[list[float]]:
