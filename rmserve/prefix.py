@@ -28,9 +28,10 @@ row, whose hidden state is that of every member there (causal attention over equ
 
 Grouping (`find_groups`): by the caller's hint (one key per sample, e.g. a prompt id or pair
 id) or, without hints, automatically by sorting the samples' token ids and cutting the sorted
-list where neighbours share fewer than `min_shared` tokens. Groups larger than the token budget
-are split into chunks that each recompute the prefix (`fit_budget`); batches are planned
-over whole chunks (`plan`), so no row is lost or duplicated.
+list where neighbours share fewer than `min_shared` tokens. Groups over the token budget (or over
+KEY_BUDGET_FACTOR times it in gathered key rows, the memory plan's bound) are split into chunks
+that each recompute the prefix (`fit_budget`); batches are planned over whole chunks (`plan`),
+so no row is lost or duplicated.
 
 This module plans and packs only: `plan_samples` turns one call's (or one stream window's)
 samples into `PlannedBatch`es (identical samples merged into one row; with sharing off every
@@ -158,24 +159,29 @@ def find_groups(seqs: Sequence[Sequence[int]], hints: Sequence[Hashable | None] 
 
 
 def fit_budget(groups: Sequence[Group], lengths: Sequence[int], max_tokens: int,
-               max_seqs: int | None = None) -> list[Group]:
-    """Split groups that do not fit one batch into chunks that each recompute the prefix.
+               max_seqs: int | None = None, max_keys: int | None = None) -> list[Group]:
+    """Split groups that do not fit one batch (max_tokens computed tokens, max_seqs samples, max_keys
+    key rows: KEY_BUDGET_FACTOR x max_tokens unless given) into chunks that each recompute the prefix.
     A chunk of one member does not share (it would compute the same tokens)."""
+    max_keys = KEY_BUDGET_FACTOR * max_tokens if max_keys is None else max_keys
     out: list[Group] = []
     for g in groups:
-        if g.prefix == 0 or (g.cost(lengths) <= max_tokens and (max_seqs is None or len(g.members) <= max_seqs)):
+        if g.prefix == 0 or (g.cost(lengths) <= max_tokens and g.keys(lengths) <= max_keys
+                             and (max_seqs is None or len(g.members) <= max_seqs)):
             out.append(g)
             continue
         chunk: list[int] = []
-        used = g.prefix
+        used = keys = g.prefix
         for m in g.members:
             own = lengths[m] - g.prefix
-            full = used + own > max_tokens or (max_seqs is not None and len(chunk) >= max_seqs)
+            full = (used + own > max_tokens or keys + lengths[m] > max_keys
+                    or (max_seqs is not None and len(chunk) >= max_seqs))
             if chunk and full:
                 out.append(Group(tuple(chunk), g.prefix if len(chunk) > 1 else 0))
-                chunk, used = [], g.prefix
+                chunk, used, keys = [], g.prefix, g.prefix
             chunk.append(m)
             used += own
+            keys += lengths[m]
         out.append(Group(tuple(chunk), g.prefix if len(chunk) > 1 else 0))
     return out
 

@@ -290,3 +290,22 @@ def test_identical_samples_run_once_and_score_equal(tiny_model, rng, share):
     alone = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu", share_prefix=False)
     for r, w in zip(res, alone.score(calls)):
         assert r.score == pytest.approx(w.score, rel=1e-5, abs=1e-5)
+
+
+def test_a_group_is_split_to_the_key_budget():
+    """One long prompt with many short answers fits the token budget as one group but gathers its
+    prompt once per answer: 1000 + 15 x 1100 = 17,500 key rows for 2,500 computed tokens. The memory
+    plan (memory.py) and the graphs' key side (cuda_graphs.KEY_FACTOR) assume at most
+    KEY_BUDGET_FACTOR x max_tokens key rows a batch, so the group is split into chunks that keep it
+    (each recomputing the prompt), as it is for the token budget."""
+    prompt = list(range(1, 1001))
+    seqs = [prompt + [2000 + i] * 100 for i in range(15)]
+    lengths = [len(s) for s in seqs]
+    encoded = [Encoded(tuple(s)) for s in seqs]
+    max_tokens = 2500
+    batches = plan_call(encoded, None, min_shared=16, max_tokens=max_tokens, max_seqs=None)
+    assert sorted(m for b in batches for g in b for m in g.members) == list(range(15))
+    assert all(g.prefix == 1000 for b in batches for g in b)        # still shared, in chunks
+    for b in batches:
+        assert sum(g.keys(lengths) for g in b) <= KEY_BUDGET_FACTOR * max_tokens
+        assert sum(g.cost(lengths) for g in b) <= max_tokens
