@@ -117,12 +117,16 @@ def launch(model: ModelForward, planned: PlannedBatch) -> InFlight:
         return InFlight(planned, outputs, model.device)
 
 
-def run(model: ModelForward, batches: Iterable[PlannedBatch],
-        make: ResultMaker) -> Iterator[tuple[Hashable, ScoreResult]]:
+def run(model: ModelForward, batches: Iterable[PlannedBatch | None],
+        make: ResultMaker) -> Iterator[tuple[Hashable, ScoreResult] | None]:
     """Every planned batch through the model, one in flight while the host prepares the next:
-    yields (owner key, result) as batches complete; `make` turns a batch's outputs into results."""
+    yields (owner key, result) as batches complete; `make` turns a batch's outputs into results.
+    A None among the batches is yielded back as it comes (score_stream's turn to yield errors)."""
     inflight: deque[InFlight] = deque()
     for planned in batches:
+        if planned is None:   # nothing to launch (a stream window of unscorable inputs): the caller's turn
+            yield None
+            continue
         inflight.append(launch(model, planned))
         if len(inflight) > 1:   # the batch just launched keeps the device busy meanwhile
             yield from inflight.popleft().results(make)
@@ -150,33 +154,39 @@ def score_encoded(model: ModelForward, encoded: Sequence[Encoded | InputError],
 
 
 def window_planner(limits: Limits):
-    """scheduler.stream_plans' planner: a window of (index, Encoded) -> batches, each (the window
-    positions of all its samples, repeats included, and its PlannedBatch)."""
+    """scheduler.stream_plans' planner: a window of (index, Encoded or InputError) -> batches, each
+    (the window positions of all its samples, repeats included, and its PlannedBatch), after one
+    (the positions of the window's unscorable inputs, None) when it has any."""
 
-    def plan(window: Sequence[tuple[int, Encoded]]) -> list[tuple[list[int], PlannedBatch]]:
+    def plan(window: Sequence[tuple[int, Encoded | InputError]]) -> list[tuple[list[int], PlannedBatch | None]]:
         position = {index: at for at, (index, _) in enumerate(window)}
-        return [([position[key] for owners in planned.owners for key in owners], planned)
-                for planned in plan_samples(window, None, limits)]
+        errors = [at for at, (_, e) in enumerate(window) if not isinstance(e, Encoded)]
+        scorable = [(index, e) for index, e in window if isinstance(e, Encoded)]
+        return ([(errors, None)] if errors else []) + [
+            ([position[key] for owners in planned.owners for key in owners], planned)
+            for planned in plan_samples(scorable, None, limits)]
 
     return plan
 
 
 def score_stream(model: ModelForward, preprocessor: Preprocessor, conversations: Iterable[Any], limits: Limits,
                  make: ResultMaker, lookahead: int, threads: int) -> Iterator[tuple[int, ScoreResult]]:
-    """See Engine.score_stream."""
+    """See Engine.score_stream. Unscorable inputs take their place in the look-ahead window like the
+    others (so a stream of them is read a window at a time too); their results come out when the
+    window is planned."""
     errors: deque[tuple[int, ScoreResult]] = deque()
 
-    def scorable() -> Iterator[tuple[int, Encoded]]:
-        for index, enc in encode_stream(preprocessor, conversations, threads):
-            if isinstance(enc, Encoded):
-                yield index, enc
-            else:
-                errors.append((index, ScoreResult(error=str(enc))))
+    def planned() -> Iterator[PlannedBatch | None]:
+        windows = stream_plans(encode_stream(preprocessor, conversations, threads), window_planner(limits), lookahead)
+        for samples, batch in windows:
+            if batch is None:   # the window's unscorable inputs
+                errors.extend((index, ScoreResult(error=str(e))) for index, e in samples)
+            yield batch
 
-    planned = (p for _, p in stream_plans(scorable(), window_planner(limits), lookahead))
-    for item in run(model, planned, make):
+    for item in run(model, planned(), make):
         while errors:
             yield errors.popleft()
-        yield item
+        if item is not None:
+            yield item
     while errors:
         yield errors.popleft()

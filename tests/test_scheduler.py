@@ -163,3 +163,27 @@ def test_score_stream_merges_identical_samples(tiny_model, rng):
     assert sorted(got) == list(range(len(stream))) and sum(rows) == 5
     for a, b in [(0, 2), (0, 5), (1, 7)]:
         assert got[a] == got[b] and got[a].gating is not got[b].gating
+
+
+def test_score_stream_is_lazy_on_unscorable_inputs(tiny_model):
+    """Inputs that cannot be scored count against the look-ahead too: their error results come out
+    while the stream is still being read, not held until the stream ends (a file of bad rows is
+    read a window at a time, as a file of good ones is)."""
+    from rmserve.pipeline import CHUNK
+
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu", lookahead=8)
+    pulled = 0
+
+    def bad_rows(n):
+        nonlocal pulled
+        for _ in range(n):
+            pulled += 1
+            yield "not a conversation"
+
+    stream = engine.score_stream(bad_rows(1000))
+    first = next(stream)
+    # the tokenizer reads 2 chunks ahead of the window (pipeline.encode_stream), the window holds 8
+    assert pulled <= 3 * CHUNK + 8, pulled
+    rest = list(stream)
+    assert sorted(i for i, _ in [first, *rest]) == list(range(1000))
+    assert all(r.error == "a conversation must be a list of messages, got str" for _, r in [first, *rest])
