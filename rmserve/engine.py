@@ -264,10 +264,11 @@ class Engine:
 
     def _fits(self, e: Encoded | InputError) -> Encoded | InputError:
         """Samples encoded elsewhere (a Ray job's tokenizer stage, another engine) are held to this
-        engine's length limit too: on a GPU it is what memory allows."""
+        engine's length limit too (on a GPU it is what memory allows), and to its vocabulary and the
+        gating and step positions its head reads (Preprocessor.check_encoded)."""
         if isinstance(e, Encoded):
             try:
-                self.preprocessor.check_length(len(e))
+                self.preprocessor.check_encoded(e)
             except InputError as err:
                 return err
         return e

@@ -170,16 +170,33 @@ class Preprocessor:
         if n > self.max_length:
             raise InputError(f"{n} tokens, longer than {self.length_limit}")
 
-    def finish(self, ids: Sequence[int], num_steps: int | None = None) -> Encoded:
-        """Length and gating checks on final token ids; a process reward model's step positions: the
-        last `num_steps` step tokens (the answer's, see rmserve/steps.py), or every one when the
-        sample came as a text or token ids (num_steps None)."""
+    def check_ids(self, ids: Sequence[int]) -> None:
+        """Final token ids: at least one, within the length limit and the model's vocabulary."""
         if len(ids) == 0:
             raise InputError("no tokens")
         self.check_length(len(ids))
         if self.vocab_size is not None and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(t for t in ids if not 0 <= t < self.vocab_size)
             raise InputError(f"token id {bad} is outside the model's vocabulary (0..{self.vocab_size - 1})")
+
+    def check_encoded(self, e: Encoded) -> None:
+        """A sample encoded elsewhere (another engine, a Ray job's tokenizer stage, by hand) held to what
+        `finish` guarantees for this engine: its ids, and the gating and step positions its head reads
+        inside the sample (out of it, a position would read another sample's row, or past the batch)."""
+        self.check_ids(e.ids)
+        n = len(e.ids)
+        if self.needs_gate and (e.gate is None or not 0 <= e.gate < n):
+            raise InputError(f"the sample has no gating position within its {n} tokens (got {e.gate}); encode it "
+                             "with this engine")
+        if self.steps is not None and (not e.steps or not all(0 <= p < n for p in e.steps)):
+            raise InputError(f"the sample's step positions {list(e.steps)} are not within its {n} tokens (a process "
+                             "reward model reads at least one); encode it with this engine")
+
+    def finish(self, ids: Sequence[int], num_steps: int | None = None) -> Encoded:
+        """Length and gating checks on final token ids; a process reward model's step positions: the
+        last `num_steps` step tokens (the answer's, see rmserve/steps.py), or every one when the
+        sample came as a text or token ids (num_steps None)."""
+        self.check_ids(ids)
         gate = None
         if self.needs_gate:
             gate = find_last(ids, self.gating_pattern)

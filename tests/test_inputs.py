@@ -130,6 +130,35 @@ def test_samples_encoded_elsewhere_meet_the_engines_limit(tiny_model):
     assert res[1].ok and res[1].score == pytest.approx(big.score([CONV])[0].score, rel=1e-5, abs=1e-6)
 
 
+
+def test_samples_encoded_elsewhere_are_checked_like_encode_checks_them(tiny_model):
+    """An Encoded this engine's encode could not have made (another engine's: no gating position, a
+    larger vocabulary; or made by hand: a gate or a step past the sample, no tokens) is that sample's
+    error, not a crash of the whole call nor, where its gate lands in a neighbour's rows, a silent
+    wrong score; the other samples are scored as they would be alone."""
+    armo = Engine.from_pretrained(tiny_model("armorm"), dtype="float32", device="cpu")
+    good = armo.encode([CONV])[0]
+    assert isinstance(good, Encoded) and good.gate is not None
+    n, vocab = len(good), armo.spec.vocab_size
+    bad = {
+        "no gating position": Encoded(good.ids),
+        "gate past the end": Encoded(good.ids, n + 5),                        # lands in the next sample
+        "vocabulary": Encoded(good.ids[:-1] + (vocab + 3,), good.gate),
+        "no tokens": Encoded(()),
+    }
+    res = armo.score_encoded([*bad.values(), good])
+    for (what, _), r in zip(bad.items(), res):
+        assert r.error, what
+    assert "gating position" in res[0].error and "gating position" in res[1].error
+    assert f"outside the model's vocabulary (0..{vocab - 1})" in res[2].error and res[3].error == "no tokens"
+    assert res[-1].ok and res[-1].score == pytest.approx(armo.score([CONV])[0].score, rel=1e-5, abs=1e-6)
+    prm = Engine.from_pretrained(tiny_model("qwen2_prm"), dtype="float32", device="cpu")
+    conv = CONV[:-1] + [{"role": "assistant", "content": ["one", "two"]}]
+    steps = prm.encode([conv])[0]
+    assert isinstance(steps, Encoded) and len(steps.steps) == 2
+    res = prm.score_encoded([Encoded(steps.ids), Encoded(steps.ids, None, (len(steps) + 2,)), steps])
+    assert "step" in res[0].error and "step" in res[1].error and res[2].ok
+
 def test_gpu_memory_caps_the_sample_length(tiny_model):
     """On CUDA the longest sample is what one forward may hold beside the graphs
     (memory.longest_sample); the error says so. The limit logic itself runs anywhere."""
