@@ -94,8 +94,10 @@ def gather_project(hidden: torch.Tensor, indices: Sequence[torch.Tensor], weight
         raise ValueError("one or two index tensors, with one row count each")
     B = indices[0].shape[0]
     for idx in indices:
-        if idx.shape != (B,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != hidden.device:
-            raise ValueError(f"indices must be int [{B}] tensors on {hidden.device}, got {idx.dtype} {tuple(idx.shape)}")
+        if (idx.shape != (B,) or idx.dtype not in (torch.int32, torch.int64) or idx.device != hidden.device
+                or not idx.is_contiguous()):   # the kernel reads idx[b] at idx_ptr + b
+            raise ValueError(f"indices must be contiguous int [{B}] tensors on {hidden.device}, got {idx.dtype} "
+                             f"{tuple(idx.shape)} with strides {idx.stride()}")
     N = sum(rows)
     if weight.shape != (N, H) or not weight.is_contiguous():
         raise ValueError(f"weight must be a contiguous [{N}, {H}], got {tuple(weight.shape)}")

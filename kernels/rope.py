@@ -84,8 +84,9 @@ def _launch(q, k, positions, inv_freq, weights, eps: float) -> None:
         raise ValueError(f"head_dim must be twice a power of two, got {D}")
     if q.dtype != k.dtype or q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k need the same dtype and a contiguous last dimension")
-    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"positions must be int [{T}], got {positions.dtype} {tuple(positions.shape)}")
+    if positions.shape != (T,) or positions.dtype not in (torch.int32, torch.int64) or not positions.is_contiguous():
+        raise ValueError(f"positions must be a contiguous int [{T}], got {positions.dtype} {tuple(positions.shape)} "
+                         f"with strides {positions.stride()}")
     if inv_freq.shape != (D // 2,) or inv_freq.dtype != torch.float32 or not inv_freq.is_contiguous():
         raise ValueError(f"inv_freq must be a contiguous fp32 [{D // 2}], got {inv_freq.dtype} {tuple(inv_freq.shape)}")
     for w in weights:

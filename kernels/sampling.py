@@ -78,8 +78,9 @@ def _normal_ref(b0: torch.Tensor, b1: torch.Tensor) -> torch.Tensor:
 
 
 def _check_keys(keys: torch.Tensor, batch: int, num_samples: int) -> None:
-    if keys.dtype != torch.int64 or keys.shape != (batch,):
-        raise ValueError(f"keys must be int64 [{batch}], got {keys.dtype} {tuple(keys.shape)}")
+    if keys.dtype != torch.int64 or keys.shape != (batch,) or not keys.is_contiguous():   # kernels read key_ptr + b
+        raise ValueError(f"keys must be a contiguous int64 [{batch}], got {keys.dtype} {tuple(keys.shape)} with "
+                         f"strides {keys.stride()}")
     if num_samples < 1:
         raise ValueError(f"num_samples must be >= 1, got {num_samples}")
 

@@ -83,3 +83,18 @@ def test_bad_shapes_raise():
         gather_project.gather_project(x, [torch.tensor([0.0])], torch.randn(4, 8), None, [4])
     with pytest.raises(ValueError, match="transform"):
         gate_combine.armo_combine(torch.randn(2, 5), torch.randn(2, 5), torch.randn(5, 4), 1.0, torch.ones(1))
+
+
+def test_strided_index_tensors_raise():
+    """The kernels read a 1-D index, position or key tensor at ptr + i: a strided view (every other
+    entry of a larger tensor, say) would be read as its neighbours' values, a silent wrong result, so
+    it is refused as a bad shape is."""
+    from rmserve.kernels import gather_project, rope, sampling
+
+    every_other = torch.tensor([0, 9, 1, 9, 2])[::2]          # values 0, 1, 2; the kernel would read 0, 9, 1
+    with pytest.raises(ValueError, match="contiguous"):
+        gather_project.gather_project(torch.randn(10, 8), [every_other], torch.randn(4, 8), None, [4])
+    with pytest.raises(ValueError, match="contiguous"):
+        rope.rope(torch.randn(3, 2, 8), torch.randn(3, 1, 8), every_other, torch.rand(4))
+    with pytest.raises(ValueError, match="contiguous"):
+        sampling.sample_quantiles(torch.randn(3, 5), every_other.long(), 8)
