@@ -13,7 +13,7 @@ from .forward import ModelForward
 from .inputs import TEMPLATE_DATE, Encoded, InputError, Preprocessor, parse_template_date
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
-from .model.attention import select_attention
+from .model.attention import MAX_BATCH_SEQS, select_attention
 from .packing import PackedBatch
 from .prefix import Limits, pack_samples
 from .results import ResultMaker, ScoreResult
@@ -227,7 +227,8 @@ class Engine:
     def limits(self) -> Limits:
         """How a call's samples are planned into batches, from the current config."""
         cfg = self.config
-        return Limits(max_tokens=cfg.max_batch_tokens, max_seqs=cfg.max_batch_seqs, share=cfg.share_prefix,
+        max_seqs = min(cfg.max_batch_seqs or MAX_BATCH_SEQS, MAX_BATCH_SEQS)   # attention's launch limit
+        return Limits(max_tokens=cfg.max_batch_tokens, max_seqs=max_seqs, share=cfg.share_prefix,
                       min_shared=cfg.share_min_tokens)
 
     def encode(self, conversations: Sequence[Any]) -> list[Encoded | InputError]:
@@ -282,8 +283,8 @@ class Engine:
         a window of `lookahead` samples (scheduler.py); on CUDA, host-to-device copies are
         asynchronous from pinned memory, only the head's outputs come back, and one batch is in
         flight while the host prepares the next (pipeline.py). A sample's result equals what
-        `score` gives for it in the same batch; samples that cannot be scored come back with
-        `error` set. With share_prefix on, samples of one look-ahead window that start with the same
+        `score` gives for it in the same batch; samples that cannot be scored take their place in
+        the window too and come back with `error` set once it is planned. With share_prefix on, samples of one look-ahead window that start with the same
         tokens share their prompt, as `score` finds them without `groups=`, and identical samples
         of a window run once.
 

@@ -309,3 +309,18 @@ def test_a_group_is_split_to_the_key_budget():
     for b in batches:
         assert sum(g.keys(lengths) for g in b) <= KEY_BUDGET_FACTOR * max_tokens
         assert sum(g.cost(lengths) for g in b) <= max_tokens
+
+
+def test_batches_stay_within_attention_launch_limit(tiny_model):
+    """FlashAttention's varlen launch has one grid row per sequence and CUDA stops at 65,535: however
+    large the token budget, the engine plans at most MAX_BATCH_SEQS samples a batch (a shared batch
+    hands attention up to two sequences a sample). 33,000 distinct two-token samples, budget 100,000."""
+    from rmserve.model.attention import MAX_BATCH_SEQS
+    from rmserve.prefix import plan_samples
+
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu", max_batch_tokens=100_000)
+    assert 2 * MAX_BATCH_SEQS <= 65_535
+    samples = [(i, Encoded((1 + i % 200, 1 + i // 200))) for i in range(33_000)]
+    planned = plan_samples(samples, None, engine.limits())
+    assert sorted(k for p in planned for owners in p.owners for k in owners) == list(range(33_000))
+    assert max(len(p.samples) for p in planned) <= MAX_BATCH_SEQS

@@ -21,6 +21,10 @@ import torch.nn.functional as F
 
 AttentionFn = Callable[..., torch.Tensor]
 BACKENDS = ("flash_attn", "torch_varlen", "reference")
+# Samples in one batch, at most. FlashAttention's varlen forward (flash-attn's and PyTorch's copy of it)
+# launches grid (query blocks, sequences, heads), and CUDA's grid y-dimension stops at 65,535; a
+# shared-prompt batch hands attention up to two sequences a sample (each prompt segment and member).
+MAX_BATCH_SEQS = 65_535 // 2
 
 
 def attention_ref(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float) -> torch.Tensor:
