@@ -38,7 +38,7 @@ def tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def rng(request):
-    """A fresh random stream per test (seed printed on failure through the test id)."""
-    seed = random.randrange(1 << 30)
+    """A fresh random stream per test (seed printed on failure; RMSERVE_TEST_SEED=<seed> replays it)."""
+    seed = int(os.environ.get("RMSERVE_TEST_SEED") or random.randrange(1 << 30))
     print(f"random seed {seed}")
     return random.Random(seed)

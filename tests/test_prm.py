@@ -81,7 +81,8 @@ def record_batches(engine, fn):
 def test_step_rewards_match_qwen2model_and_the_model_card(engine, ref, rng):
     convs, groups = workload(rng)
     results, batches = record_batches(engine, lambda: engine.score(convs, groups))
-    assert any(b.kv_idx is not None for b in batches) and len(batches) < len(convs) // 2   # packed, prompts shared
+    # packed (7 samples in at most 3 batches of 600 tokens: 2 or 3, by the random lengths), prompts shared
+    assert any(b.kv_idx is not None for b in batches) and len(batches) <= len(convs) // 2
     encoded = engine.encode(convs)
     # group "p" (samples 0, 1) shares its first step's token: a step row read from the shared prompt
     assert shared_length([encoded[0].ids, encoded[1].ids], [0, 1]) > encoded[0].steps[0]
