@@ -112,6 +112,28 @@ def test_prompt_response_columns_and_made_ids(tmp_path, tiny_model, rng):
     assert [r["score"] for r in out] == pytest.approx([e.score for e in expect], rel=RTOL, abs=RTOL)
 
 
+
+def test_kept_columns_of_mixed_types_are_written_to_parquet_as_text(tmp_path, tiny_model, rng):
+    """--keep copies input columns as they are; in parquet a column whose values mix types within a part
+    (a string and an object) or across parts (objects in one, lists in another) is written as text
+    (strings as they are, other values as JSON), as ids of integers and strings are: before, the part
+    write (or the merge at the end) raised an Arrow error."""
+    model = tiny_model("bt")
+    within = ["a", {"k": 1}, 2.5, None, True, "b"]
+    across = [{"k": 1}, {"k": 2}, [1, 2], [3], "x", None]
+    one_type = [1, 2, 3, 4, 5, 6]
+    rows = [{"id": i, "messages": random_conversation(rng, max_turns=1, hi=6), "w": w, "c": c, "n": n}
+            for i, (w, c, n) in enumerate(zip(within, across, one_type))]
+    s = _job(write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "out.parquet", model,
+             shape=ShapeConfig(keep=("w", "c", "n")), part_rows=2)
+    assert (s["scored"], s["errors"]) == (6, 0)
+    df = pd.read_parquet(tmp_path / "out.parquet")
+    column = lambda name: df[name].astype(object).where(df[name].notna(), None).tolist()
+    assert column("w") == ["a", '{"k": 1}', "2.5", None, "true", "b"]
+    assert column("c") == ['{"k": 1}', '{"k": 2}', "[1, 2]", "[3]", "x", None]
+    assert df["n"].tolist() == one_type   # a column of one type keeps it
+
+
 BAD_ROWS = [  # (raw line or row, expected reason substring); ids are the row's "id" column
     ({"id": "good0"}, None),
     ("{not json", "malformed JSON"),

@@ -297,29 +297,74 @@ def _differences(old: dict, new: dict, prefix: str = "") -> list[tuple[str, Any,
     return out
 
 
+def _as_text(value) -> str | None:
+    """A value of a column that mixes types, as text: a string as it is, anything else as JSON."""
+    return value if value is None or isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
+
+
+def _kind(value) -> str:
+    return "number" if isinstance(value, (int, float)) and not isinstance(value, bool) else type(value).__name__
+
+
 def _write_parquet(f, records: list[dict]) -> None:
+    """A column whose values mix types (ids or group keys of integers and strings, a kept column of
+    strings and objects, ...) is written as text; a column of one type keeps it."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for name in records[0]:   # a column of ints and strings (ids, group keys): all strings
-        kinds = {type(r[name]) for r in records}
-        if kinds & {int} and kinds & {str}:
-            records = [dict(r, **{name: str(r[name])}) for r in records]
-    pq.write_table(pa.Table.from_pylist(records), f)
+    columns = {}
+    for name in records[0]:
+        values = [r[name] for r in records]
+        array = None
+        if len({_kind(v) for v in values if v is not None}) <= 1:
+            try:
+                array = pa.array(values)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):   # e.g. lists of mixed items
+                pass
+        columns[name] = array if array is not None else pa.array([_as_text(v) for v in values], pa.string())
+    pq.write_table(pa.table(columns), f)
 
 
 def _target_schema(files: list[str]):
-    """One schema for all parts: a column that is strings in one part and integers in another
-    (ids, group keys) becomes strings everywhere."""
+    """One schema for all parts: a column that is text in one part, or has types in two parts that
+    do not unify (integers and strings, objects and lists), becomes text everywhere."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schemas = [pq.read_schema(p) for p in files]
-    for name in schemas[0].names:
-        if any(pa.types.is_string(s.field(name).type) for s in schemas if name in s.names):
-            schemas = [s.set(s.get_field_index(name), pa.field(name, pa.string())) if name in s.names else s
-                       for s in schemas]
-    return pa.unify_schemas(schemas, promote_options="permissive")
+    fields: dict[str, list] = {}
+    for s in schemas:
+        for field in s:
+            fields.setdefault(field.name, []).append(field)
+    out = []
+    for name, found in fields.items():
+        try:
+            unified = pa.unify_schemas([pa.schema([f]) for f in found], promote_options="permissive").field(name)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+            unified = None
+        if unified is None or (any(pa.types.is_string(f.type) for f in found) and not pa.types.is_string(unified.type)):
+            unified = pa.field(name, pa.string())
+        out.append(unified)
+    return pa.schema(out)
+
+
+def _conform(table, schema):
+    """A part's table in the merged schema: missing columns null, text columns written as _as_text does."""
+    import pyarrow as pa
+
+    columns = []
+    for field in schema:
+        if field.name not in table.column_names:
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        if column.type == field.type:
+            columns.append(column)
+        elif pa.types.is_string(field.type):
+            columns.append(pa.array([_as_text(v) for v in column.to_pylist()], pa.string()))
+        else:
+            columns.append(column.cast(field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
 def _merge_parquet(f, files: list[str], ranks) -> None:
@@ -339,8 +384,7 @@ def _merge_parquet(f, files: list[str], ranks) -> None:
             if ranks is not None:
                 table = table.append_column("rank", pa.array(ranks[at:at + table.num_rows], pa.int64()))
                 at += table.num_rows
-            writer.write_table(table.select(schema.names).cast(schema) if table.schema != schema
-                               else table)
+            writer.write_table(_conform(table, schema) if table.schema != schema else table)
 
 
 def _merge_jsonl(f, files: list[str], ranks) -> None:
