@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
 
     s = sub.add_parser("serve", help="serve a reward model over HTTP", formatter_class=HelpFormatter,
                        description="Serve a reward model over HTTP: POST /v1/score, POST /get_reward (OpenRLHF), "
-                                   "GET /health, /v1/models, /metrics; OpenAPI at /docs.")
+                                   "POST /classify (vLLM), POST /v1/embeddings (SGLang), GET /health, "
+                                   "/v1/models, /metrics; OpenAPI at /docs.")
     add_model_flag(s)
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
