@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rmserve.cli import main
-from rmserve.offline import EXIT_REFUSED, JobConfig, run_job
+from rmserve.offline import EXIT_REFUSED, JobConfig, ShapeConfig, run_job
 
 from .helpers import random_conversation
 from .offline_helpers import cli, committed_parts, popen, read_jsonl, write_jsonl
@@ -265,3 +265,19 @@ def test_a_refused_resume_names_just_the_setting_that_differs(tmp_path, tiny_mod
     with pytest.raises(ResumeError) as e:
         PartStore(str(tmp_path / "s.jsonl"), "jsonl").open(changed, {})
     assert "engine.dtype: 'auto' then, 'bfloat16' now" in str(e.value) and "bos" not in str(e.value)
+
+
+def test_a_kept_column_a_pair_job_writes_itself_is_refused(tmp_path, tiny_model, rng, capsys):
+    """A pair job writes chosen_score, rejected_score, ...: a dataset's own `chosen_score` label kept with
+    --keep was silently replaced by the model's score. It is refused, naming the column; a job of another
+    shape (which writes no chosen_*) keeps such a column as it is."""
+    model = tiny_model("bt")
+    pairs = [{"chosen": random_conversation(rng, max_turns=1, hi=6), "rejected": random_conversation(rng, max_turns=1, hi=6),
+              "chosen_score": 9.5} for _ in range(2)]
+    err = _refused(capsys, "score", write_jsonl(tmp_path / "p.jsonl", pairs), "--model", model,
+                   "--output", tmp_path / "p.jsonl.out", "--format", "jsonl", "--keep", "chosen_score")
+    assert "chosen_score" in err and "shadow" in err
+    rows = [{"messages": p["chosen"], "chosen_score": p["chosen_score"]} for p in pairs]
+    s = run_job(JobConfig(write_jsonl(tmp_path / "m.jsonl", rows), str(tmp_path / "m.out.jsonl"), model,
+                          shape=ShapeConfig(keep=("chosen_score",)), quiet=True))
+    assert s["scored"] == 2 and [r["chosen_score"] for r in read_jsonl(tmp_path / "m.out.jsonl")] == [9.5, 9.5]

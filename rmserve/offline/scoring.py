@@ -17,6 +17,21 @@ RESERVED = {"id", "score", "error", "num_tokens", "names", "margin", "chosen_win
             *OUTPUT_FIELDS}
 
 
+def written_columns(cfg: ShapeConfig) -> set[str]:
+    """The output columns a job of this (resolved) shape writes itself: RESERVED, and a pair's every
+    field twice (chosen_score, rejected_rewards, ...)."""
+    if cfg.shape != "pair":
+        return RESERVED
+    return RESERVED | {f"{side}_{name}" for side in cfg.sides() for name in ("score", "num_tokens", *OUTPUT_FIELDS)}
+
+
+def check_keep(cfg: ShapeConfig) -> None:
+    """--keep must not name a column the job writes itself (its value would be replaced)."""
+    clash = set(cfg.keep) & written_columns(cfg)
+    if clash:
+        raise ValueError(f"--keep columns {sorted(clash)} would shadow the job's own output columns")
+
+
 @dataclass
 class Encoding:
     """A part after tokenization: the good rows, their samples flattened, and the bad rows."""
