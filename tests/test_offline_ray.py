@@ -108,3 +108,17 @@ def test_ray_job_whose_actors_cannot_start_leaves_nothing_behind(tmp_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]   # no parts, staged rows, output or lock
     with prepare(JobConfig(inp, str(out), model, part_rows=3, engine=EngineConfig(device="cpu")), "ray") as prep:
         assert prep.committed == {} and prep.done is None
+
+
+def test_actor_counts_below_one_are_refused_before_ray_starts(tmp_path, tiny_model, rng, capsys):
+    """`--actors 0` ran as the default (one actor per GPU, else 1) and a negative count failed inside
+    Ray: both are refused in one line (exit 2), before any Ray starts, as are negative CPUs or GPUs."""
+    from rmserve.cli import main
+
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": random_conversation(rng, max_turns=1, hi=6)}])
+    for flags in (["--actors", "0"], ["--actors", "-2"], ["--actor-cpus", "-1"], ["--actor-gpus", "-1"]):
+        code = main(["score", str(inp), "--model", tiny_model("bt"), "--output", str(tmp_path / "o.jsonl"),
+                     "--ray", "--quiet", *flags])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and flags[0].lstrip("-").replace("-", "_") in err and "\n" not in err, (flags, err)
+    assert not (tmp_path / "o.jsonl.parts").exists()

@@ -119,6 +119,9 @@ def run_ray_job(config: JobConfig, address: str | None = None, actors: int | Non
     """Runs (or resumes) the job on Ray. address: a cluster ("auto", "ray://host:10001"); None joins
     RAY_ADDRESS if set, else starts a local Ray. actors: engine actors (default: one per GPU in
     the cluster, else 1); actor_gpus: GPUs each (default 1 when the cluster has GPUs, else 0)."""
+    for name, value, least in (("actors", actors, 1), ("actor_cpus", actor_cpus, 0), ("actor_gpus", actor_gpus, 0)):
+        if value is not None and value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
     import ray
 
     with prepare(config, "ray") as prep:
