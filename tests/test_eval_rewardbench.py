@@ -106,6 +106,9 @@ def test_hub_inputs_default_to_the_official_split(monkeypatch, tmp_path):
     seen = []
 
     class Source:
+        def scan(self):
+            return 0, ""
+
         def rows(self):
             return iter([])
 
@@ -263,3 +266,16 @@ def test_rewardbench2_command(tmp_path, tiny_model):
     assert ties["score"] == pytest.approx(0.5, abs=1e-15)
     assert results["Score"] is None and set(results["missing_subsets"]) == {"Precise IF", "Math", "Safety"}
     assert results["exit_code"] == 0
+
+
+def test_an_unreadable_input_is_refused_in_one_line(tmp_path, tiny_model, capsys):
+    """A cut .jsonl.gz is refused as `rmserve score` refuses it (exit 2, one line saying so); before,
+    `rmserve eval` read it without the job's checks and died with an EOFError traceback (exit 1)."""
+    import gzip
+
+    data = gzip.compress(open(write_jsonl(tmp_path / "rb.jsonl", V1_ROWS * 20), "rb").read())
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[:len(data) // 2])
+    code = cli_main(["eval", "rewardbench", str(tmp_path / "cut.jsonl.gz"), "--model", tiny_model("bt"),
+                     "--output", str(tmp_path / "out.jsonl"), "--quiet"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "cut.jsonl.gz" in err and "truncated" in err, err
