@@ -281,3 +281,17 @@ def test_a_kept_column_a_pair_job_writes_itself_is_refused(tmp_path, tiny_model,
     s = run_job(JobConfig(write_jsonl(tmp_path / "m.jsonl", rows), str(tmp_path / "m.out.jsonl"), model,
                           shape=ShapeConfig(keep=("chosen_score",)), quiet=True))
     assert s["scored"] == 2 and [r["chosen_score"] for r in read_jsonl(tmp_path / "m.out.jsonl")] == [9.5, 9.5]
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
+    """atomic_write's temporary file goes when the write fails or is interrupted (Ctrl-C while
+    `rmserve eval` writes OUTPUT.input.jsonl left OUTPUT.input.jsonl.tmp-<pid> beside the output)."""
+    from rmserve.offline.parts import atomic_write
+
+    def write(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(str(tmp_path / "out.jsonl"), write)
+    assert list(tmp_path.iterdir()) == []

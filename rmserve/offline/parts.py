@@ -62,11 +62,16 @@ def _fsync_dir(path: str) -> None:
 def atomic_write(path: str, write) -> None:
     """write(f) fills a binary file object; the file appears at `path` complete or not at all."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:   # failed or interrupted: no half-written file left beside the output
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
