@@ -295,3 +295,16 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         atomic_write(str(tmp_path / "out.jsonl"), write)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not SERVE, reason="needs the server extra")
+def test_serve_limits_out_of_range_are_refused_in_one_line(tiny_model, capsys):
+    """`--port 99999` died in bind() and `--max-wait-ms -1` in BatchingConfig, each with a traceback
+    (exit 1); `--max-items 0`, `--max-body-bytes 0`, ... started a server that refused every request.
+    Each is refused in one line naming the flag (exit 2), before the model loads."""
+    model = tiny_model("bt")
+    for flag, value in (("--port", 99999), ("--port", -1), ("--max-wait-ms", -1), ("--max-items", 0),
+                        ("--max-pending", 0), ("--max-samples", -1), ("--max-sample-chars", 0),
+                        ("--max-body-bytes", 0), ("--drain-timeout", -1)):
+        err = _refused(capsys, "serve", "--model", model, flag, value)
+        assert err.startswith("rmserve serve: ") and flag in err, (flag, err)
