@@ -272,8 +272,8 @@ def test_a_kept_column_a_pair_job_writes_itself_is_refused(tmp_path, tiny_model,
     --keep was silently replaced by the model's score. It is refused, naming the column; a job of another
     shape (which writes no chosen_*) keeps such a column as it is."""
     model = tiny_model("bt")
-    pairs = [{"chosen": random_conversation(rng, max_turns=1, hi=6), "rejected": random_conversation(rng, max_turns=1, hi=6),
-              "chosen_score": 9.5} for _ in range(2)]
+    pairs = [{"chosen": random_conversation(rng, max_turns=1, hi=6),
+              "rejected": random_conversation(rng, max_turns=1, hi=6), "chosen_score": 9.5} for _ in range(2)]
     err = _refused(capsys, "score", write_jsonl(tmp_path / "p.jsonl", pairs), "--model", model,
                    "--output", tmp_path / "p.jsonl.out", "--format", "jsonl", "--keep", "chosen_score")
     assert "chosen_score" in err and "shadow" in err

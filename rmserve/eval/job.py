@@ -71,7 +71,7 @@ def write_job_input(bench: Benchmark, config: EvalConfig, path: str) -> dict[int
     if spec.startswith("hf:") and split is None and ":" not in spec[3:]:
         split = bench.default_split
     source = open_source(spec, split)
-    source.scan()   # the offline job's checks of the whole input (a cut .gz, a damaged parquet): refused, not a traceback
+    source.scan()   # the offline job's checks of the whole input (a cut .gz, ...): refused, not a traceback
     problems: dict[int, str] = {}
 
     def write(f):

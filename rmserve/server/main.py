@@ -67,8 +67,10 @@ def serve(args: argparse.Namespace) -> int:
 
     for flag, value, least in (("--port", args.port, 0), ("--max-wait-ms", args.max_wait_ms, 0),
                                ("--max-pending", args.max_pending, 1), ("--max-items", args.max_items, 1),
-                               ("--max-samples", args.max_samples, 0), ("--max-sample-chars", args.max_sample_chars, 1),
-                               ("--max-body-bytes", args.max_body_bytes, 1), ("--drain-timeout", args.drain_timeout, 0)):
+                               ("--max-samples", args.max_samples, 0),
+                               ("--max-sample-chars", args.max_sample_chars, 1),
+                               ("--max-body-bytes", args.max_body_bytes, 1),
+                               ("--drain-timeout", args.drain_timeout, 0)):
         if value < least or (flag == "--port" and value > 65535):
             print(f"rmserve serve: {flag} {value}: must be " + ("a TCP port, 0-65535" if flag == "--port" else
                                                                   f"at least {least}"), file=sys.stderr)
