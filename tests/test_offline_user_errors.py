@@ -308,3 +308,16 @@ def test_serve_limits_out_of_range_are_refused_in_one_line(tiny_model, capsys):
                         ("--max-body-bytes", 0), ("--drain-timeout", -1)):
         err = _refused(capsys, "serve", "--model", model, flag, value)
         assert err.startswith("rmserve serve: ") and flag in err, (flag, err)
+
+
+def test_a_split_for_an_input_without_splits_is_refused(tmp_path, tiny_model, rng, capsys):
+    """--split on a jsonl or parquet file, or on a directory holding one Dataset, was ignored: the whole
+    input was scored as if the split had been chosen. It is refused, saying the input has no splits."""
+    datasets = pytest.importorskip("datasets")   # in the `test` extra
+    rows = _rows(rng, 2)
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "one"))
+    capsys.readouterr()   # the save's progress bars
+    for inp in (write_jsonl(tmp_path / "in.jsonl", rows), tmp_path / "one"):
+        err = _refused(capsys, "score", inp, "--split", "test", "--model", tiny_model("bt"),
+                       "--output", tmp_path / "s.jsonl")
+        assert "--split test" in err and "no splits" in err, err

@@ -143,6 +143,8 @@ class Source:
                 if self.split not in ds:
                     raise SourceError(f"{self.path} has no split {self.split!r}; its splits are {sorted(ds)}")
                 ds = ds[self.split]
+            elif self.split is not None:   # one Dataset: the split would be ignored, the whole input scored
+                raise SourceError(f"--split {self.split}: {self.path} holds one dataset, with no splits")
             return ds
         try:
             return datasets.load_dataset(self.path, split=self.split or "train")
@@ -192,6 +194,8 @@ def open_source(spec: str, split: str | None = None) -> Source:
         return Source("datasets-dir", spec, split)
     if not os.path.exists(spec):
         raise SourceError(f"{spec}: no such file (for a hub dataset write hf:<name>[:<split>])")
+    if split is not None:   # a file is one table: the split would be ignored, the whole input scored
+        raise SourceError(f"--split {split}: {spec} is a file, with no splits")
     name = spec.lower()
     if name.endswith(".parquet"):
         return Source("parquet", spec)
