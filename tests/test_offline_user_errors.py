@@ -321,3 +321,12 @@ def test_a_split_for_an_input_without_splits_is_refused(tmp_path, tiny_model, rn
         err = _refused(capsys, "score", inp, "--split", "test", "--model", tiny_model("bt"),
                        "--output", tmp_path / "s.jsonl")
         assert "--split test" in err and "no splits" in err, err
+
+
+def test_two_different_splits_for_a_hub_dataset_are_refused():
+    """`hf:name:train` with `--split test` scored the test split without a word; the two disagree, so
+    it is refused (before any request to the hub)."""
+    from rmserve.offline.sources import SourceError, open_source
+
+    with pytest.raises(SourceError, match="hf:a/b:train and --split test"):
+        open_source("hf:a/b:train", "test")

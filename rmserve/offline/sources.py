@@ -182,6 +182,8 @@ def open_source(spec: str, split: str | None = None) -> Source:
     """A path or `hf:<name>[:<split>]` -> Source. Raises SourceError for what cannot be read."""
     if spec.startswith("hf:"):
         name, _, hub_split = spec[3:].partition(":")
+        if split and hub_split and split != hub_split:
+            raise SourceError(f"{spec} and --split {split} name two splits; give one")
         try:
             reach_hub(name)
         except ImportError as e:
