@@ -330,3 +330,12 @@ def test_two_different_splits_for_a_hub_dataset_are_refused():
 
     with pytest.raises(SourceError, match="hf:a/b:train and --split test"):
         open_source("hf:a/b:train", "test")
+
+
+def test_a_format_the_output_name_contradicts_is_refused(tmp_path, tiny_model, rng, capsys):
+    """`--output scores.parquet --format jsonl` wrote JSON lines into scores.parquet, which
+    pandas.read_parquet (README) then cannot read; the name and --format disagree, so it is refused."""
+    inp = write_jsonl(tmp_path / "in.jsonl", _rows(rng, 2))
+    err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--output", tmp_path / "s.parquet",
+                   "--format", "jsonl")
+    assert "s.parquet" in err and "--format jsonl" in err and not (tmp_path / "s.parquet").exists()

@@ -92,12 +92,16 @@ OUTPUT_SUFFIXES = {".parquet": "parquet", ".jsonl": "jsonl", ".json": "jsonl", "
 
 def output_format(output: str, fmt: str | None) -> str:
     """The output's format: --format, else from its name (.parquet; .jsonl, .json, .ndjson). A name
-    that says neither (scores.csv would get parquet bytes) is refused rather than guessed."""
+    that says neither (scores.csv would get parquet bytes), or that says the other one, is refused
+    rather than guessed."""
+    suffix = os.path.splitext(output)[1].lower()
     if fmt:
         if fmt not in ("parquet", "jsonl"):
             raise OutputError(f"--format must be parquet or jsonl, got {fmt!r}")
+        if OUTPUT_SUFFIXES.get(suffix, fmt) != fmt:
+            raise OutputError(f"--output {output} is named as {OUTPUT_SUFFIXES[suffix]} but --format {fmt} was "
+                              "asked for; rename the output or drop --format")
         return fmt
-    suffix = os.path.splitext(output)[1].lower()
     if suffix not in OUTPUT_SUFFIXES:
         raise OutputError(f"--output {output}: cannot tell the format from its name; name it .parquet or .jsonl "
                           "(.json, .ndjson), or pass --format parquet|jsonl to write that format under this name")
