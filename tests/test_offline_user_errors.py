@@ -339,3 +339,18 @@ def test_a_format_the_output_name_contradicts_is_refused(tmp_path, tiny_model, r
     err = _refused(capsys, "score", inp, "--model", tiny_model("bt"), "--output", tmp_path / "s.parquet",
                    "--format", "jsonl")
     assert "s.parquet" in err and "--format jsonl" in err and not (tmp_path / "s.parquet").exists()
+
+
+def test_a_group_field_named_like_an_output_column_is_refused(tmp_path, tiny_model, rng, capsys):
+    """--group-field is copied to the output: named like a column the job writes (`id` beside
+    --id-field uid, `score`), one overwrote the other (the ids replaced by group keys). Refused; the
+    id column itself as the group field (its values are the ids) still runs."""
+    model = tiny_model("bt")
+    rows = [{"uid": f"u{i}", "id": i // 2, "score": 1.0, "messages": random_conversation(rng, max_turns=1, hi=6)}
+            for i in range(4)]
+    data = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for extra in (["--id-field", "uid", "--group-field", "id"], ["--group-field", "score"]):
+        err = _refused(capsys, "score", data, "--model", model, "--output", tmp_path / "o.jsonl", *extra)
+        assert f"--group-field {extra[-1]}" in err and "overwrite" in err
+    s = run_job(JobConfig(data, str(tmp_path / "ok.jsonl"), model, shape=ShapeConfig(group_field="id"), quiet=True))
+    assert s["scored"] == 4 and [r["id"] for r in read_jsonl(tmp_path / "ok.jsonl")] == [0, 0, 1, 1]

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 from ..engine import EngineConfig
 from .parts import PartStore, ResumeError, check_output, output_format
-from .scoring import build_outputs, check_keep, encode_rows, score_samples
+from .scoring import build_outputs, check_columns, encode_rows, score_samples
 from .shapes import ShapeConfig, make_row, parse_raw, resolve
 from .sources import Source, SourceError, open_source
 
@@ -48,7 +48,7 @@ class JobConfig:
     def __post_init__(self):
         if self.part_rows < 1:
             raise ValueError("part_rows must be at least 1")
-        check_keep(self.shape)
+        check_columns(self.shape)
 
 
 def model_path(model: str) -> str:
@@ -109,7 +109,7 @@ def prepare(config: JobConfig, runner: str) -> Prepared:
         raise SourceError(f"--output {config.output} is the input file; name another output")
     num_rows, fingerprint = source.scan()
     shape = resolve(config.shape, _first_object(source, config.shape.shape == "auto", num_rows))
-    check_keep(shape)   # with the shape known: a pair job also writes chosen_*, rejected_*
+    check_columns(shape)   # with the shape known: a pair job also writes chosen_*, rejected_*
     mdir = model_path(config.model)
     spec = load_spec(mdir)
     from ..sampling import check_sampling

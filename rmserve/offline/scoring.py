@@ -25,11 +25,17 @@ def written_columns(cfg: ShapeConfig) -> set[str]:
     return RESERVED | {f"{side}_{name}" for side in cfg.sides() for name in ("score", "num_tokens", *OUTPUT_FIELDS)}
 
 
-def check_keep(cfg: ShapeConfig) -> None:
-    """--keep must not name a column the job writes itself (its value would be replaced)."""
-    clash = set(cfg.keep) & written_columns(cfg)
+def check_columns(cfg: ShapeConfig) -> None:
+    """--keep and --group-field (both copied to the output) must not name a column the job writes
+    itself: one would replace the other's values (--group-field id, say, the row ids)."""
+    written = written_columns(cfg)
+    clash = set(cfg.keep) & written
     if clash:
         raise ValueError(f"--keep columns {sorted(clash)} would shadow the job's own output columns")
+    same = cfg.group_field == "id" == cfg.id_field and cfg.ids_from_column is not False   # the id column itself
+    if cfg.group_field in written and not same:
+        raise ValueError(f"--group-field {cfg.group_field} is also one of the job's own output columns; the two "
+                         "would overwrite each other (rename the column in the input)")
 
 
 @dataclass
