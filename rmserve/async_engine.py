@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from .engine import Engine
-from .inputs import Encoded, InputError
+from .inputs import Encoded, InputError, check_call
 from .results import ScoreResult
 from .sampling import add_samples, check_sampling
 
@@ -134,6 +134,7 @@ class AsyncEngine:
         """Message lists (or token-id lists) -> one ScoreResult each, in input order, as
         `Engine.score` gives them. A sample that cannot be scored gets `error` set.
         samples, seed: K draws per sample (URM, QRM), as in `Engine.score`."""
+        check_call(conversations)
         return await self._submit(self.engine.encode, conversations, samples, seed)
 
     async def score_texts(self, texts: Sequence[str], *, samples: int = 0, seed: int = 0) -> list[ScoreResult]:

@@ -10,7 +10,7 @@ from . import pipeline
 from .config import ModelSpec
 from .device_check import check_device
 from .forward import ModelForward
-from .inputs import TEMPLATE_DATE, Encoded, InputError, Preprocessor, parse_template_date
+from .inputs import TEMPLATE_DATE, Encoded, InputError, Preprocessor, check_call, parse_template_date
 from .kernels.dispatch import select_kernels
 from .loader import LoadedModel, load_model, resolve
 from .model.attention import MAX_BATCH_SEQS, select_attention
@@ -250,6 +250,7 @@ class Engine:
         token); each result has `step_rewards` (one per step) and `score`, their `step_aggregation`
         (rmserve/steps.py)."""
         check_sampling(self.family, samples, seed)
+        check_call(conversations)
         encoded = self.encode(conversations)
         results = self.score_encoded(encoded, groups)
         return add_samples(self, encoded, results, samples, seed) if samples else results
@@ -292,6 +293,7 @@ class Engine:
                 out[index] = result
         """
         cfg = self.config
+        check_call(conversations)
         return pipeline.score_stream(self.model_forward, self.preprocessor, conversations, self.limits(),
                                      self.results, cfg.lookahead, cfg.tokenizer_threads)
 

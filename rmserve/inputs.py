@@ -82,6 +82,19 @@ class Encoded:
         return len(self.ids)
 
 
+def check_call(conversations: Any) -> None:
+    """A call's `conversations` must be a sequence of samples. A string, a dict or one bare
+    conversation (a list of message dicts) would be read item by item, a character or a message a
+    sample, and come back as a result per item: refused with TypeError instead."""
+    if isinstance(conversations, (str, bytes, dict)):
+        raise TypeError(f"conversations must be a list of samples (each a list of messages or of token ids), "
+                        f"got a {type(conversations).__name__}")
+    if (isinstance(conversations, (list, tuple)) and conversations
+            and all(isinstance(m, dict) and "role" in m for m in conversations)):
+        raise TypeError("conversations is one conversation (a list of messages); pass a list of them: "
+                        "score([conversation])")
+
+
 def check_conversation(messages: Any, steps: bool = False) -> list[dict]:
     """Validate an OpenAI-style message list; returns it as plain dicts. steps: a process reward
     model's conversation, whose last (assistant) message may hold a list of steps (rmserve/steps.py

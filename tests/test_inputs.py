@@ -208,3 +208,29 @@ def test_real_llama3_tokenizer_gating_ids_and_bos():
     assert tok(GATING_TEXT, add_special_tokens=True)["input_ids"][0] == 128000
     assert Preprocessor(tok, bos="tokenizer", max_length=8192, needs_gate=True).encode_many([CONV])[0].ids[:2] == (128000, 128000)
     assert isinstance(enc, Encoded)
+
+
+def test_a_call_that_is_not_a_list_of_samples_is_refused(tiny_model):
+    """A string, a dict or one bare conversation given as `conversations` was read item by item (a
+    character or a message a sample: `score("Hi")` gave two results, each an error): TypeError."""
+    import asyncio
+
+    from rmserve.async_engine import AsyncEngine
+
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu")
+    for bad in ("Hi", b"Hi", CONV[0], CONV):
+        with pytest.raises(TypeError, match="conversations"):
+            engine.score(bad)
+        with pytest.raises(TypeError, match="conversations"):
+            engine.score_stream(bad)
+
+    async def call():
+        served = AsyncEngine(engine)
+        with pytest.raises(TypeError, match=r"score\(\[conversation\]\)"):
+            await served.score(CONV)
+        out = await served.score([CONV, [{"role": "user", "content": "x"}]])
+        await served.close()
+        return out
+
+    good, bad = asyncio.run(call())
+    assert good.ok and "last message must be the assistant" in bad.error   # a list of samples: one error each
