@@ -19,6 +19,7 @@ host has had since it packed the batch.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
@@ -58,6 +59,15 @@ class ScoreResult:
                 if getattr(self, f.name) is not None and not (f.name == "names" and not self.names)}
 
 
+NON_FINITE = "the model produced a non-finite output (NaN or infinity)"
+
+
+def _finite(value) -> bool:
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return value is None or math.isfinite(value)
+
+
 @dataclass(frozen=True)
 class ResultMaker:
     """A batch's head outputs -> one ScoreResult per sample row.
@@ -77,6 +87,9 @@ class ResultMaker:
         for row, (n, k) in enumerate(zip(lengths, step_counts)):
             values = {name: (v[at:at + k] if name in self.step_outputs else v[row]) for name, v in outputs.items()}
             at += k
+            if not all(_finite(v) for v in values.values()):   # an error, never a NaN score (fp16 overflow, say)
+                results.append(ScoreResult(error=NON_FINITE, num_tokens=n))
+                continue
             if self.step_aggregation is not None:
                 values["score"] = aggregate(self.step_aggregation, values["step_rewards"])
             results.append(ScoreResult(num_tokens=n, names=self.names, **values))

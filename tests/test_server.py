@@ -411,3 +411,45 @@ def test_sigterm_drains_in_flight_requests(tmp_path, rng):
         assert "Application shutdown complete" in server.logs()
     finally:
         server.stop()
+
+
+def test_a_non_finite_output_is_that_samples_error(tmp_path):
+    """A sample whose outputs overflow (an fp16 model, say) gets an error, never a NaN score: from
+    Engine.score, in an offline job's errors file, and from the server (/v1/score per item, /classify
+    422); the other samples of the batch score as they would alone. The checkpoint's embedding row of a
+    token only the first conversation holds is set to infinity."""
+    from safetensors.torch import load_file, save_file
+
+    from rmserve.offline.job import JobConfig, run_job
+    from rmserve.results import NON_FINITE
+
+    from .offline_helpers import read_jsonl, write_jsonl
+
+    path = write_tiny_checkpoint(str(tmp_path / "bt"), "bt")
+    a = [{"role": "user", "content": "zebra quartz"}, {"role": "assistant", "content": "vex"}]
+    b = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    clean = Engine.from_pretrained(path, dtype="float32", device="cpu")
+    ids_a, ids_b = (e.ids for e in clean.encode([a, b]))
+    token = next(t for t in ids_a if t not in ids_b)
+    weights = os.path.join(path, "model.safetensors")
+    tensors = load_file(weights)
+    tensors["model.embed_tokens.weight"][token] = float("inf")
+    save_file(tensors, weights, metadata={"format": "pt"})
+
+    engine = Engine.from_pretrained(path, dtype="float32", device="cpu")
+    bad, good = engine.score([a, b])
+    assert bad.error == NON_FINITE and bad.score is None and good.ok
+    assert good.score == pytest.approx(clean.score([b])[0].score, rel=1e-5, abs=1e-6)   # fp32, packed vs alone
+    out = tmp_path / "out.jsonl"
+    summary = run_job(JobConfig(write_jsonl(tmp_path / "rows.jsonl", [{"messages": a}, {"messages": b}]), str(out),
+                                path, quiet=True))
+    assert summary["scored"] == 1 and [r["id"] for r in read_jsonl(out)] == [1]
+    assert read_jsonl(str(out) + ".errors.jsonl")[0]["error"] == NON_FINITE
+    server = Server(path, tmp_path / "server.log")
+    try:
+        items = httpx.post(server.url + "/v1/score", json={"conversations": [a, b]}, timeout=60).json()["results"]
+        assert items[0] == {"index": 0, "error": NON_FINITE} and items[1]["score"] == pytest.approx(good.score, rel=1e-5, abs=1e-6)
+        resp = httpx.post(server.url + "/classify", json={"messages": a}, timeout=60)
+        assert resp.status_code == 422 and NON_FINITE in resp.json()["error"]["message"]
+    finally:
+        server.stop()

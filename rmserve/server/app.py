@@ -9,7 +9,6 @@ turn not the assistant's, too many conversations, too many characters), 429 queu
 from __future__ import annotations
 
 import json
-import math
 import secrets
 import time
 from contextlib import asynccontextmanager
@@ -161,12 +160,6 @@ def _replay(messages, then=None):
     return receive
 
 
-def _finite(value) -> bool:
-    if isinstance(value, list):
-        return all(_finite(v) for v in value)
-    return value is None or isinstance(value, (int, str)) or math.isfinite(value)
-
-
 def strip_padding(text: str, pads: tuple[str, ...]) -> str:
     """Remove every leading and trailing repetition of the strings in `pads` (a trainer's
     left/right padding decoded into the query text)."""
@@ -184,10 +177,7 @@ def strip_padding(text: str, pads: tuple[str, ...]) -> str:
 def to_item(index: int, result: ScoreResult) -> ScoreItem:
     if result.error is not None:
         return ScoreItem(index=index, error=result.error)
-    values = {k: v for k, v in result.to_dict().items() if k != "names"}
-    if not all(_finite(v) for v in values.values()):
-        return ScoreItem(index=index, error="the model produced a non-finite output (NaN or infinity)")
-    return ScoreItem(index=index, **values)
+    return ScoreItem(index=index, **{k: v for k, v in result.to_dict().items() if k != "names"})
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:

@@ -184,15 +184,10 @@ def add_routes(app, engine: AsyncEngine, config: ServerConfig, check_served_mode
         """Each sample's output vector, or a 422 naming the first sample that has none."""
         out = []
         for i, r in enumerate(results):
-            reason = r.error
-            if reason is None:
-                vec = output_vector(r)
-                if all(math.isfinite(v) for v in vec):
-                    out.append(vec)
-                    continue
-                reason = "the model produced a non-finite output (NaN or infinity)"
-            count_item_errors([r])
-            raise ClientError(422, "invalid_request", f"input[{i}] cannot be scored: {reason}")
+            if r.error is not None:   # a non-finite output is one too (results.NON_FINITE)
+                count_item_errors([r])
+                raise ClientError(422, "invalid_request", f"input[{i}] cannot be scored: {r.error}")
+            out.append(output_vector(r))
         return out
 
     def usage(results: list[ScoreResult]) -> Usage:
