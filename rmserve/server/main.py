@@ -101,7 +101,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_until_stopped(server) -> int:
     """Runs a uvicorn.Server until SIGTERM or Ctrl-C has shut it down: 0 then, 1 if it never started
-    (the port taken, say; uvicorn has logged why).
+    and uvicorn returned (uvicorn has logged why). Where uvicorn itself exits on a failed start (the
+    port taken: sys.exit(3), STARTUP_FAILURE in uvicorn 0.54) the process ends with its code.
 
     uvicorn's Server.serve installs its own SIGINT/SIGTERM handlers, shuts down gracefully on the
     first signal, restores the handlers it found and raises the signal again (`Server.capture_signals`,

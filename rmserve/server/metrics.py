@@ -50,7 +50,7 @@ class Metrics:
         self.batch_seconds.observe(stats.seconds)
         self.tokens.inc(stats.tokens)
         self.samples.inc(stats.samples)
-        if stats.failed:
+        if stats.failed:   # these samples come back with an error: the route counts them as sample_error too
             self.errors.labels("model_error").inc(stats.failed)
         now = time.monotonic()
         self._recent.append((now, stats.tokens))
