@@ -453,3 +453,23 @@ def test_a_non_finite_output_is_that_samples_error(tmp_path):
         assert resp.status_code == 422 and NON_FINITE in resp.json()["error"]["message"]
     finally:
         server.stop()
+
+
+
+def test_a_taken_port_exits_1(capfd):
+    """uvicorn ends a server that cannot bind with SystemExit(3), `rmserve score`'s "rows failed" code;
+    `rmserve serve` (run_until_stopped) returns 1 for a server that never started, uvicorn having
+    logged why."""
+    import uvicorn
+
+    from rmserve.server.main import run_until_stopped
+
+    async def app(scope, receive, send):   # never reached: the bind fails first
+        raise AssertionError(scope)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=taken.getsockname()[1], lifespan="off"))
+        assert run_until_stopped(server) == 1
+    assert "address already in use" in capfd.readouterr().err

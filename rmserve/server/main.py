@@ -101,8 +101,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def run_until_stopped(server) -> int:
     """Runs a uvicorn.Server until SIGTERM or Ctrl-C has shut it down: 0 then, 1 if it never started
-    and uvicorn returned (uvicorn has logged why). Where uvicorn itself exits on a failed start (the
-    port taken: sys.exit(3), STARTUP_FAILURE in uvicorn 0.54) the process ends with its code.
+    (the port taken, say; uvicorn has logged why, and exits by SystemExit(3), its STARTUP_FAILURE in
+    0.54, which is `rmserve score`'s "rows failed" code: taken here as 1).
 
     uvicorn's Server.serve installs its own SIGINT/SIGTERM handlers, shuts down gracefully on the
     first signal, restores the handlers it found and raises the signal again (`Server.capture_signals`,
@@ -118,6 +118,9 @@ def run_until_stopped(server) -> int:
         server.run()
     except KeyboardInterrupt:
         pass
+    except SystemExit:
+        if server.started:
+            raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0 if server.started else 1
