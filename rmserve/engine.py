@@ -285,9 +285,9 @@ class Engine:
         asynchronous from pinned memory, only the head's outputs come back, and one batch is in
         flight while the host prepares the next (pipeline.py). A sample's result equals what
         `score` gives for it in the same batch; samples that cannot be scored take their place in
-        the window too and come back with `error` set once it is planned. With share_prefix on, samples of one look-ahead window that start with the same
-        tokens share their prompt, as `score` finds them without `groups=`, and identical samples
-        of a window run once.
+        the window too and come back with `error` set once it is planned. With share_prefix on,
+        samples of one look-ahead window that start with the same tokens share their prompt, as
+        `score` finds them without `groups=`, and identical samples of a window run once.
 
             for index, result in engine.score_stream(rows):
                 out[index] = result
