@@ -448,7 +448,8 @@ def test_a_non_finite_output_is_that_samples_error(tmp_path):
     server = Server(path, tmp_path / "server.log")
     try:
         items = httpx.post(server.url + "/v1/score", json={"conversations": [a, b]}, timeout=60).json()["results"]
-        assert items[0] == {"index": 0, "error": NON_FINITE} and items[1]["score"] == pytest.approx(good.score, rel=1e-5, abs=1e-6)
+        assert items[0] == {"index": 0, "error": NON_FINITE}
+        assert items[1]["score"] == pytest.approx(good.score, rel=1e-5, abs=1e-6)
         resp = httpx.post(server.url + "/classify", json={"messages": a}, timeout=60)
         assert resp.status_code == 422 and NON_FINITE in resp.json()["error"]["message"]
     finally:
