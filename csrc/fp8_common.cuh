@@ -47,8 +47,15 @@ template <int VEC> struct alignas(VEC) Fp8Pack { __nv_fp8_storage_t v[VEC]; };
 // max that keeps NaN (fmaxf drops it; torch.amax keeps it).
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
 
-struct SumOp { __device__ __forceinline__ float operator()(float a, float b) const { return a + b; } };
-struct MaxOp { __device__ __forceinline__ float operator()(float a, float b) const { return nan_max(a, b); } };
+// kIdentity: what the lanes past the last warp contribute to the second stage of block_reduce.
+struct SumOp {
+  static constexpr float kIdentity = 0.0f;
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  static constexpr float kIdentity = 0.0f;  // the maxima reduced here are of |y| (>= 0, or NaN)
+  __device__ __forceinline__ float operator()(float a, float b) const { return nan_max(a, b); }
+};
 
 // Reduce one float per thread over the block; every thread gets the result. `shared` holds 32 floats.
 template <typename Op>
@@ -60,7 +67,7 @@ __device__ __forceinline__ float block_reduce(float v, Op op, float* shared) {
   if (lane == 0) shared[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < warps ? shared[lane] : shared[0];
+    v = lane < warps ? shared[lane] : Op::kIdentity;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     if (lane == 0) shared[0] = v;
