@@ -4,10 +4,12 @@ Equality, and why (the references run on the same GPU):
 - per_token_quant_fp8: bitwise (q codes and scales). amax is exact in any order, and both sides
   divide in IEEE fp32 and round to e4m3 nearest-even with saturation.
 - rms_norm_quant_fp8 / add_rms_norm_quant_fp8: the residual sum bitwise; q within 1 e4m3 ulp (code
-  difference <= 1) and scales within one model-dtype ulp of amax. The kernel's fp32 sum of squares
-  runs in another order than torch's mean, and its 1/sqrt is IEEE where torch.rsqrt on CUDA may
-  not be: inv_rms can differ in its last bit, the normalised row then by one bf16 ulp at a
-  rounding boundary, which moves amax (the scale) by a bf16 ulp or an e4m3 code by one.
+  difference <= 1) and scales within one model-dtype ulp of amax (bf16, fp16). The kernel's fp32
+  sum of squares runs in another order than torch's mean, and its 1/sqrt is IEEE where torch.rsqrt
+  on CUDA is rsqrtf (up to 2 ulp, CUDA's math API table): inv_rms can differ in its last bits, the
+  normalised row then by one bf16 ulp at a rounding boundary, which moves amax (the scale) by a
+  bf16 ulp or an e4m3 code by one. In fp32 nothing rounds inv_rms's error away: every y, and the
+  scale, carries it, a few fp32 ulps (NORM_SCALE_RTOL).
 - silu_mul_quant_fp8: the same 1-ulp rule (SiLU's expf against torch's exp may differ in the last
   fp32 bit); almost every element is bitwise equal, which the tests also require (>= 99%).
 Run where CUDA is available; the kernel tests need rmserve._C built (RMSERVE_REQUIRE_CSRC=1 makes
@@ -25,6 +27,8 @@ from rmserve.kernels.fp8_quant import (FP8, add_rms_norm_quant_fp8_ref, csrc_blo
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}   # relative, at worst
+# rms_norm's scales: fp32's inv_rms differs by up to ~2 ulps (sum order) + 2 (rsqrtf), and y rounds twice
+NORM_SCALE_RTOL = {**ULP, torch.float32: 2.0 ** -20}
 
 
 def csrc():
@@ -48,9 +52,9 @@ def signed_code(q: torch.Tensor) -> torch.Tensor:
     return torch.where(c >= 128, -(c - 128), c)
 
 
-def assert_within_one_ulp(q, scale, q_ref, scale_ref, dtype, min_equal=0.99):
+def assert_within_one_ulp(q, scale, q_ref, scale_ref, dtype, min_equal=0.99, scale_rtol=ULP):
     assert q.dtype == FP8 and scale.dtype == torch.float32 and q.shape == q_ref.shape and scale.shape == scale_ref.shape
-    torch.testing.assert_close(scale, scale_ref, rtol=ULP[dtype], atol=0)
+    torch.testing.assert_close(scale, scale_ref, rtol=scale_rtol[dtype], atol=0)
     diff = (signed_code(q) - signed_code(q_ref)).abs()
     assert diff.max().item() <= 1
     assert (diff == 0).float().mean().item() >= min_equal
@@ -95,7 +99,7 @@ def test_rms_norm_quant(g, T, H, dtype, residual):
     else:
         q, scale = ops.rms_norm_quant(x, w, 1e-5)
         q_ref, scale_ref = rms_norm_quant_fp8_ref(x, w, 1e-5)
-    assert_within_one_ulp(q, scale, q_ref, scale_ref, dtype, min_equal=0.95)
+    assert_within_one_ulp(q, scale, q_ref, scale_ref, dtype, min_equal=0.95, scale_rtol=NORM_SCALE_RTOL)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
