@@ -33,7 +33,10 @@ log = logging.getLogger("rmserve")
 def per_token_quant_fp8_ref(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y [T, C] (any float dtype) -> (q [T, C] e4m3, scale [T, 1] fp32) with y ~= q * scale."""
     yf = y.to(torch.float32)
-    scale = torch.clamp(yf.abs().amax(dim=-1, keepdim=True) / FP8_MAX, min=MIN_SCALE)
+    amax = yf.abs().amax(dim=-1, keepdim=True)
+    # divided by a tensor, not the number 448: on CUDA torch turns `t / number` into t * fp32(1 / number)
+    # (ATen's div_true_kernel_cuda), which misses the IEEE quotient by an ulp for about half of all amax
+    scale = torch.clamp(amax / torch.full_like(amax, FP8_MAX), min=MIN_SCALE)
     return torch.clamp(yf / scale, -FP8_MAX, FP8_MAX).to(FP8), scale
 
 

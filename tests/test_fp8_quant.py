@@ -113,3 +113,22 @@ def test_e4m3_rounds_to_nearest_even():
     below = torch.nextafter(mid, lo).to(FP8).view(torch.uint8)
     above = torch.nextafter(mid, hi).to(FP8).view(torch.uint8)
     assert torch.equal(below, codes[:-1]) and torch.equal(above, codes[1:])
+
+
+def test_scale_is_an_ieee_division_on_every_device():
+    """amax / 448 is divided by a tensor: torch on CUDA computes `t / 448.0` as t * fp32(1/448), an
+    ulp off the IEEE quotient (the csrc kernels' __fdiv_rn) for about half of all amax, which CPU
+    cannot show; so no division in the reference may take a Python number as its divisor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    divisors = []
+
+    class Divisions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.div:
+                divisors.append(args[1])
+            return func(*args, **(kwargs or {}))
+
+    with Divisions():
+        per_token_quant_fp8_ref(torch.randn(3, 16))
+    assert divisors and all(isinstance(d, torch.Tensor) for d in divisors), divisors
