@@ -133,6 +133,15 @@ TORCH_LIBRARY_IMPL(rmserve, CUDA, m) {
   m.impl("silu_mul_quant_fp8", &silu_mul_quant_fp8);
 }
 
+// CPU tensors reach the same functions, whose first check rejects them ("x must be a CUDA tensor");
+// with no CPU kernel the dispatcher would answer instead ("Could not run ... from the 'CPU' backend").
+TORCH_LIBRARY_IMPL(rmserve, CPU, m) {
+  m.impl("per_token_quant_fp8", &per_token_quant_fp8);
+  m.impl("rms_norm_quant_fp8", &rms_norm_quant_fp8);
+  m.impl("add_rms_norm_quant_fp8", &add_rms_norm_quant_fp8);
+  m.impl("silu_mul_quant_fp8", &silu_mul_quant_fp8);
+}
+
 // `import rmserve._C` loads this library, which runs the registrations above; the module itself is empty.
 PyMODINIT_FUNC PyInit__C() {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "rmserve's CUDA ops (torch.ops.rmserve)", -1, nullptr};
