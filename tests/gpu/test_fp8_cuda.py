@@ -60,13 +60,14 @@ def assert_within_one_ulp(q, scale, q_ref, scale_ref, dtype, min_equal=0.99, sca
     assert (diff == 0).float().mean().item() >= min_equal
 
 
-def rows(g, T, C, dtype, stride_pad=0):
-    """Rows with a spread of magnitudes, an all-zero row, a row with one huge value; optionally strided."""
+def rows(g, T, C, dtype, stride_pad=0, offset=0):
+    """Rows with a spread of magnitudes, an all-zero row, a row with one huge value; optionally strided,
+    and starting `offset` elements into their storage (a data_ptr off the 16-byte vector alignment)."""
     x = torch.randn(T, C + stride_pad, generator=g, device="cuda") * torch.logspace(-2, 2, T, device="cuda")[:, None]
     x[0] = 0
     if T > 2:
-        x[1, C // 2] = 1e4
-    return x.to(dtype)[:, :C]
+        x[1, offset + C // 2] = 1e4
+    return x.to(dtype)[:, offset:offset + C]
 
 
 SHAPES = [(1, 8), (5, 100), (37, 4096), (3, 4104), (16, 14336), (2, 7)]   # vector and scalar paths
@@ -74,10 +75,11 @@ SHAPES = [(1, 8), (5, 100), (37, 4096), (3, 4104), (16, 14336), (2, 7)]   # vect
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("T,C", SHAPES)
-@pytest.mark.parametrize("pad", [0, 8, 3], ids=["dense", "strided", "unaligned"])
-def test_per_token_quant_bitwise(g, T, C, dtype, pad):
+@pytest.mark.parametrize("pad,offset", [(0, 0), (8, 0), (3, 0), (8, 1)],
+                         ids=["dense", "strided", "unaligned", "misaligned-pointer"])
+def test_per_token_quant_bitwise(g, T, C, dtype, pad, offset):
     ops = csrc()
-    x = rows(g, T, C, dtype, pad)
+    x = rows(g, T, C, dtype, pad, offset)   # misaligned-pointer: a stride fit for 16-byte vectors, a data_ptr not
     q, scale = ops.per_token_quant(x)
     q_ref, scale_ref = per_token_quant_fp8_ref(x)
     assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(scale, scale_ref)
@@ -139,8 +141,8 @@ def test_ops_capture_in_a_cuda_graph(g):
     r, w = torch.randn_like(x), torch.ones(256, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        ops.add_rms_norm_quant(x, r, w, 1e-5)   # warm-up off the capture
+    with torch.cuda.stream(stream):   # warm-up off the capture (each op's first launch loads its kernel)
+        ops.add_rms_norm_quant(x, r, w, 1e-5), ops.silu_mul_quant(x), ops.per_token_quant(r)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
