@@ -36,6 +36,9 @@ void check_rows(const Tensor& t, const char* name) {
   TORCH_CHECK(t.size(1) > 0 && t.size(1) < (int64_t{1} << 31), name, " must have 1 to 2^31 - 1 features, got ",
               t.size(1));
   TORCH_CHECK(t.stride(1) == 1, name, " must have a contiguous last dimension, got strides ", t.strides());
+  // one block per row on grid x (at most 2^31 - 1); the launchers' int64 row count would otherwise be
+  // narrowed to the grid's unsigned int, silently skipping rows past 2^32
+  TORCH_CHECK(t.size(0) < (int64_t{1} << 31), name, " must have at most 2^31 - 1 rows, got ", t.size(0));
 }
 
 void check_like(const Tensor& t, const Tensor& x, const char* name) {
