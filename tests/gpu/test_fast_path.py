@@ -2,9 +2,13 @@
 (tiny and 8B-wide random models), CUDA-graph replay against eager, the attention backends
 against each other, the streaming pipeline, and the memory-derived token budget.
 
-Tolerance rule (flash-attention's): rmserve's bf16 error against the fp32 reference must be at
-most twice transformers' own bf16 error against it, plus a floor for outputs where transformers
-happens to be nearly exact; the floor is 1e-2 on O(1) scores (bf16 keeps ~3 significant digits).
+Tolerance rule (flash-attention's): per output, rmserve's largest bf16 error over the batch against
+the fp32 reference must be at most twice transformers' own largest bf16 error against it, plus a
+floor for outputs where transformers happens to be nearly exact: 1e-2 times the output's magnitude
+(1 + max |reference|), as bf16 rounds relative to the value (an ArmoRM reward of 4 has a bf16 ulp of
+0.03). Element by element with an absolute floor, one ulp apart at an element transformers rounded
+right fails: on CPU, ArmoRM, QRM and URM failed that in 28 of 30 seeds; this rule in 1 of 200 (URM's
+score, 6 samples) and 0 of 100 with 12 samples, the count the tiny models use.
 """
 import random
 
@@ -30,13 +34,16 @@ ATTN_ATOL = 2e-2
 GRAPH_ATOL = 3e-2
 
 
-def assert_within_rule(got: dict, ref32: dict, ref16: dict, what: str) -> None:
-    for key, want in ref32.items():
-        g = torch.as_tensor(got[key], dtype=torch.float32).reshape(want.shape)
-        err = (g - want.float().cpu()).abs()
-        bound = 2 * (ref16[key].float().cpu() - want.float().cpu()).abs() + FLOOR
+def assert_within_rule(got: list[dict], ref32: list[dict], ref16: list[dict], what: str) -> None:
+    """One dict of outputs per sample: rmserve's, the fp32 reference's, transformers' bf16 path's."""
+    for key in ref32[0]:
+        want = torch.stack([r[key].float().cpu().reshape(-1) for r in ref32])
+        g = torch.stack([torch.as_tensor(o[key], dtype=torch.float32).reshape(-1) for o in got])
+        plain = torch.stack([r[key].float().cpu().reshape(-1) for r in ref16])
         assert torch.isfinite(g).all(), f"{what} {key}: not finite"
-        assert (err <= bound).all(), f"{what} {key}: error {err.max():.3g} over bound {bound.min():.3g}"
+        err, err_plain = (g - want).abs().max().item(), (plain - want).abs().max().item()
+        bound = 2 * err_plain + FLOOR * (1 + want.abs().max().item())
+        assert err <= bound, f"{what} {key}: error {err:.3g} over bound {bound:.3g} (transformers {err_plain:.3g})"
 
 
 def ref_outputs(ref: Reference, ids: list, gate) -> dict:
@@ -45,16 +52,19 @@ def ref_outputs(ref: Reference, ids: list, gate) -> dict:
     return head_ref(ref.cfg, ref.tensors, hidden[-1], None if gate is None else hidden[gate], ref.dtype)
 
 
-def score_against_transformers(path: str, rng: random.Random, n: int = 6, **settings) -> None:
+def score_against_transformers(path: str, rng: random.Random, n: int = 12, **settings) -> None:
     engine = Engine.from_pretrained(path, dtype="bfloat16", device="cuda", share_prefix=False, **settings)
     ref32 = Reference(path, dtype=torch.float32, device="cuda")
     ref16 = Reference(path, dtype=torch.bfloat16, device="cuda")
     convs = [random_conversation(rng) for _ in range(n)]
+    got, want32, want16 = [], [], []
     for enc, res in zip(engine.encode(convs), engine.score(convs)):
         assert res.ok, res.error
         ids = list(enc.ids)
-        want32, want16 = ref_outputs(ref32, ids, enc.gate), ref_outputs(ref16, ids, enc.gate)
-        assert_within_rule({k: getattr(res, k) for k in want32}, want32, want16, engine.family)
+        want32.append(ref_outputs(ref32, ids, enc.gate))
+        want16.append(ref_outputs(ref16, ids, enc.gate))
+        got.append({k: getattr(res, k) for k in want32[-1]})
+    assert_within_rule(got, want32, want16, engine.family)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -69,7 +79,7 @@ def test_bf16_against_transformers_8b_wide(tmp_path, family, rng):
 
     path = write_tiny_checkpoint(str(tmp_path / family), family, hidden=4096, heads=32, kv_heads=8,
                                  intermediate=14336, layers=2, dtype=torch.bfloat16, gating_hidden_dim=1024)
-    score_against_transformers(path, rng, n=4)
+    score_against_transformers(path, rng)
 
 
 @pytest.mark.parametrize("family", ["bt", "qrm"])
