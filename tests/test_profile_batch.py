@@ -45,3 +45,12 @@ def test_part_work_counts_the_forward():
     total = sum(f for f, _ in work.values())
     assert abs(total - sum(rmbench.flops_per_sample(cfg, n) for n in lengths)) < 1e-6 * total
     assert all(b > 0 for name, (_, b) in work.items() if name != "head")
+
+
+def test_host_gaps_times_every_batch_of_the_stream(tiny_model, rng):
+    """host_gaps wraps what score_stream calls: one mark per batch, the forward unwrapped after."""
+    engine = Engine.from_pretrained(tiny_model("bt"), dtype="float32", device="cpu", max_batch_tokens=64)
+    samples = [[engine.preprocessor.bos_id] + [rng.randrange(1, 200) for _ in range(40)] for _ in range(4)]
+    gaps = profile_batch.host_gaps(engine, samples, "cpu")
+    assert gaps["batches"] >= 2 and gaps["busy_ms"] > 0 and gaps["largest_gap_ms"] is not None
+    assert "forward" not in vars(engine.model_forward)
