@@ -123,6 +123,16 @@ def engine_throughput(layers: int, samples: int, warmup: int, repeat: int) -> li
     return rows
 
 
+def commit() -> str:
+    """RMSERVE_COMMIT (gpu_session.sh sets it: the device machine gets the tree without .git, perhaps
+    without git), else git's short hash, else 'unknown'."""
+    try:
+        return os.environ.get("RMSERVE_COMMIT") or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192, 16384], help="GEMM rows (tokens)")
@@ -135,8 +145,7 @@ def main() -> None:
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
         sys.exit("fp8_speed.py needs a CUDA GPU of compute capability 8.9+")
     t0 = time.time()
-    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "commit": commit(),
            "gemms": gemms(args.tokens, args.warmup, args.repeat),
            "quant_ops": quant_ops(max(args.tokens), args.warmup, args.repeat)}
     print(f"{out['device']}, torch {out['torch']}\n| tokens | GEMM | N x K | bf16 TFLOP/s | fp8 TFLOP/s | speedup |")
