@@ -9,10 +9,11 @@
 #   bash bench/gpu_session.sh fp8      # stage fp8: build csrc/, its GPU tests, FP8 vs bf16 speed (issue 15)
 #
 # Every step has its own timeout (the budgets, in seconds, are in the table below; each stage's sum
-# with its ~1 min of install and imports is at most 8 minutes) and writes its log, JSON and junit XML
-# to $OUT (the device tool brings that folder back; ./gpu_out otherwise) as soon as it ends, so a
-# device call cut short still returns every step that finished. A step that fails or times out is
-# marked in $OUT/steps.tsv and the next step runs.
+# with its ~1 min of install and imports is at most 8 minutes) and writes its JSON and junit XML to
+# $OUT (the device tool brings that folder back; ./gpu_out otherwise) as soon as it ends, its output
+# to the stage's one log, $OUT/<stage>.log, so a device call cut short still returns every step that
+# finished. One log a stage: the device tool brings back at most 8 files a call (main 7, rest 8, fp8
+# 4). A step that fails or times out is marked in $OUT/steps.tsv and the next step runs.
 #
 # Data: $RMSERVE_DATA (default out/data; carry ["out"]) holds alpaca_eval_bon.jsonl.gz,
 # hh_rlhf_harmless_test.jsonl.gz and llama3-tokenizer/ copied from ../shared/data; without it the
@@ -47,14 +48,15 @@ else
   export RMSERVE_BENCH_ROWS=${BENCH_ROWS:-32}
 fi
 
-step() {   # step NAME CMD...: run CMD under NAME's time budget; output to the screen and $out/NAME.log
+log=$out/$stage.log
+step() {   # step NAME CMD...: run CMD under NAME's time budget; output to the screen and the stage's log
   local name=$1; shift
   local start=$SECONDS
-  echo "== $name (budget ${budget[$name]} s): $*" | tee "$out/$name.log"
-  timeout --kill-after=10 "${budget[$name]}" "$@" 2>&1 | tee -a "$out/$name.log"
+  echo "== $name (budget ${budget[$name]} s): $*" | tee -a "$log"
+  timeout --kill-after=10 "${budget[$name]}" "$@" 2>&1 | tee -a "$log"
   local rc=${PIPESTATUS[0]}
   local what=ok; [ "$rc" = 0 ] || what="exit $rc"; [ "$rc" = 124 ] && what="TIMED OUT"
-  echo "== $name: $what after $((SECONDS - start)) s" | tee -a "$out/$name.log"
+  echo "== $name: $what after $((SECONDS - start)) s" | tee -a "$log"
   printf '%s\t%s\t%s\t%s\n' "$stage" "$name" "$what" "$((SECONDS - start))" >>"$out/steps.tsv"
   [ "$rc" = 0 ] || status=1
 }
@@ -62,8 +64,8 @@ step() {   # step NAME CMD...: run CMD under NAME's time budget; output to the s
 # rmserve itself, offline (the device machine reaches no package index); its dependencies are in the image.
 # Without csrc/ (its nvcc build takes minutes): stage fp8 builds it.
 if ! $py -c "import rmserve.kernels" 2>/dev/null; then
-  RMSERVE_BUILD_CSRC=0 timeout 60 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$out/install.log" 2>&1 \
-    || { cat "$out/install.log"; exit 1; }
+  RMSERVE_BUILD_CSRC=0 timeout 60 $py -m pip install -q --no-deps --no-build-isolation --no-index -e . >>"$log" 2>&1 \
+    || { cat "$log"; exit 1; }
 fi
 timeout_flag=(); $py -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout=90)
 xdist=(); [ "$device" != cpu ] && $py -c "import xdist" 2>/dev/null && xdist=(-n 8)   # the GPU image: 16 cores
@@ -129,7 +131,7 @@ EOF
       step offline bash -c offline
     else
       echo "== offline: skipped, no $pairs or $data/llama3-tokenizer (copy them from ../shared/data)" \
-        | tee "$out/offline.log"
+        | tee -a "$log"
     fi
     # pytest-benchmark's JSON of the same comparisons, on $RMSERVE_BENCH_ROWS samples (BENCH_ROWS, default 32).
     step pytest_bench $py -m pytest -q -p no:cacheprovider bench/ --benchmark-only "${bench[@]}" \
