@@ -19,8 +19,14 @@ BF16 = torch.bfloat16
 # GPU log/sqrt/cos in the Box-Muller transform may differ from PyTorch's in the last bits; draws
 # are O(10) (mu + sigma z, summed over attributes).
 DRAW_TOL = dict(rtol=1e-4, atol=1e-4)
-# bf16 scores of the tiny models are O(1): the spec's cross-engine bar (fp16, 8B models).
+# bf16 scores of the tiny models are O(1): the spec's cross-engine bar (fp16, 8B models), times the
+# scores' magnitude (1 + max |fp32 score|; a score sample's: 1 + max |score sample| of its sample): bf16
+# rounds relative to the value, and a tiny URM's score (up to ~2.5) is off by ~0.06 in any bf16 path
+# (tests/gpu/test_default_config.py). The 2x rule's floor
+# likewise: 1e-2 of that magnitude, about one bf16 ulp of a score of 2 (1e-3, under an ulp, failed a
+# path whose error is 1 ulp where the PyTorch path's happens to be small).
 SCORE_ATOL = 4e-2
+FLOOR = 1e-2
 
 
 @pytest.fixture
@@ -110,10 +116,12 @@ def test_bf16_scores_kernels_vs_torch(tiny_model, family):
                                    enforce_eager=True).score(convs)
     err_fused = max(abs(a.score - e.score) for a, e in zip(fused, exact))
     err_plain = max(abs(b.score - e.score) for b, e in zip(plain, exact))
-    assert err_fused <= 2 * err_plain + 1e-3, (err_fused, err_plain)
+    scale = 1 + max(abs(e.score) for e in exact)
+    assert err_fused <= 2 * err_plain + FLOOR * scale, (err_fused, err_plain, scale)
     for a, b in zip(fused, plain):
-        assert abs(a.score - b.score) < SCORE_ATOL
+        assert abs(a.score - b.score) < SCORE_ATOL * scale, (a.score, b.score, scale)
         if k:   # the same Philox streams: draws differ only through the bf16 head outputs
             assert len(a.score_samples) == k
-            torch.testing.assert_close(torch.tensor(a.score_samples), torch.tensor(b.score_samples),
-                                       rtol=SCORE_ATOL, atol=SCORE_ATOL)
+            want = torch.tensor(b.score_samples)   # sum_a w_a (mu_a + sigma_a z): errors grow with |w sigma z|
+            torch.testing.assert_close(torch.tensor(a.score_samples), want, rtol=0,
+                                       atol=SCORE_ATOL * (1 + want.abs().max().item()))
