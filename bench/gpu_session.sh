@@ -45,7 +45,10 @@ if [ "$device" = cpu ]; then   # a dry run: every step with little work, twice t
 else
   size=(--device cuda --shape 8b)
   rows=${ROWS:-800} profile=(--rows "${ROWS:-800}" --reps 5) latency=() bench=()
-  export RMSERVE_BENCH_ROWS=${BENCH_ROWS:-32}
+  # pytest_bench: the 8B layer shape at 8 layers (BENCH_LAYERS): its 60 s hold the engine's graph capture
+  # and 8 transformers runs, and pytest-benchmark writes its JSON only when the session ends, so a
+  # timeout would lose it all; throughput_8b measures full depth
+  export RMSERVE_BENCH_ROWS=${BENCH_ROWS:-32} RMSERVE_BENCH_LAYERS=${BENCH_LAYERS:-8}
 fi
 
 log=$out/$stage.log

@@ -11,6 +11,7 @@ now): a forward cannot beat the larger of the two.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import random
 import statistics
@@ -80,7 +81,10 @@ def main(argv=None) -> int:
         end_to_end = timed(lambda: engine.score([ids]), args.device, reps)
         forward = timed(lambda: engine.forward(batch), args.device, reps)
         rows.append({"engine": name, "score": summary(end_to_end), "forward": summary(forward)})
-        del engine
+        del engine, batch
+        gc.collect()   # the graphs' memory pool is held by a reference cycle: freed before the next engine plans
+        if cuda:
+            torch.cuda.empty_cache()
 
     env = rmbench.environment(args.device)
     print(f"{'engine':<8}{'score() median':>16}{'p10':>10}{'p90':>10}{'forward median':>16}{'p10':>10}{'p90':>10}")
