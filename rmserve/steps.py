@@ -83,13 +83,9 @@ class StepFormat:
 
     def steps_of(self, content: Any) -> tuple[list[str], str]:
         """The answer's steps and the text the model reads (steps joined by the token, one at the end)."""
+        text = None   # the answer already in the card's form; else joined from its steps below
         if isinstance(content, (list, tuple)):
             steps = list(content)
-            for k, step in enumerate(steps, 1):
-                if not isinstance(step, str):
-                    raise StepError(f"step {k} is not a string (got {type(step).__name__})")
-                if not step.strip():
-                    raise StepError(f"step {k} is empty")
         elif not isinstance(content, str):
             raise StepError(f"the answer must be a text or a list of step strings, got {type(content).__name__}")
         elif self.separator is not None:
@@ -100,10 +96,7 @@ class StepFormat:
             if tail.strip():
                 raise StepError(f"the answer's text after its last step token {self.token} is not a step: end the "
                                 f"answer with {self.token}, as the model card does, or give its steps as a list")
-            for k, step in enumerate(steps, 1):
-                if not step.strip():
-                    raise StepError(f"step {k} is empty")
-            return steps, content
+            text = content
         else:
             raise StepError(f"a process reward model scores steps: give the answer as a list of step strings, join "
                             f"its steps with {self.token} (ending with it), or set step_separator (e.g. '\\n\\n') "
@@ -111,10 +104,15 @@ class StepFormat:
         if not steps:
             raise StepError("the answer has no steps")
         for k, step in enumerate(steps, 1):
+            if not isinstance(step, str):
+                raise StepError(f"step {k} is not a string (got {type(step).__name__})")
+            if not step.strip():
+                raise StepError(f"step {k} is empty")
+        for k, step in enumerate(steps, 1):   # after: an empty step is named before a later one's token
             if self.token in step:
                 raise StepError(f"step {k} holds the step token {self.token}; steps are joined with it, so it "
                                 "cannot be part of a step")
-        return steps, self.token.join(steps) + self.token
+        return steps, text if text is not None else self.token.join(steps) + self.token
 
 
 def step_format(tokenizer, token: str, separator: str | None) -> StepFormat:
